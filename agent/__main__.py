@@ -1,0 +1,68 @@
+"""Entry point: ``python -m agent`` and the ``kata-agent`` console script.
+
+Order matters. Settings are read and, as PID 1, the guest is set up; then the container spawner
+is forked while this process is still single-threaded and has not imported grpc; only then is the
+gRPC server built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from agent import config as config_mod
+from agent import log as log_mod
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_mod.load(argv)
+    except config_mod.ConfigError as exc:
+        print(f"kata-agent: {exc}", file=sys.stderr)
+        return 2
+    log_mod.setup(cfg.log_level)
+    pid1 = os.getpid() == 1
+    if pid1:
+        from agent import init
+
+        init.pid1_setup(cfg.cmdline)
+    _become_subreaper()
+
+    spawner = None
+    try:
+        from agent.runtime import spawner as spawner_mod
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("agent.runtime", "agent.runtime.spawner"):
+            raise
+    else:
+        spawner = spawner_mod.start_spawner(cfg)
+
+    from agent import server  # imports grpc: no fork of this process that runs Python after this
+
+    try:
+        return asyncio.run(server.serve(cfg, spawner=spawner))
+    except server.ListenError as exc:
+        logging.getLogger("agent").error("%s", exc)
+        return 1
+    finally:
+        if pid1:
+            from agent import init
+
+            init.poweroff()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

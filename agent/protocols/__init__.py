@@ -1,0 +1,1 @@
+"""Python modules generated from protos/ by protos/generate.py. Do not edit them by hand."""

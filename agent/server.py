@@ -1,0 +1,114 @@
+"""Builds the gRPC server, binds its listeners and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+
+import grpc
+from grpc_health.v1 import health as std_health
+from grpc_health.v1 import health_pb2 as std_health_pb2
+from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from agent import rpc
+from agent.config import Address, Config
+from agent.context import Agent
+from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
+from agent.service import KataHealth, build_agent_service
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 << 20
+SHUTDOWN_GRACE = 2.0
+SERVICE_NAMES = (
+    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    std_health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+class ListenError(OSError):
+    """A listen address could not be bound."""
+
+
+def _prepare_unix(addr: Address) -> None:
+    """Remove a stale socket file left by an earlier agent; refuse to replace anything else."""
+    if addr.scheme != "unix" or addr.abstract:
+        return
+    try:
+        st = os.lstat(addr.host)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{addr}: exists and is not a socket")
+    os.unlink(addr.host)
+
+
+def build_server(agent: Agent) -> tuple[grpc.aio.Server, std_health.aio.HealthServicer]:
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
+    ])
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(build_agent_service(agent), server)
+    health_pb2_grpc.add_HealthServicer_to_server(KataHealth(agent), server)
+    standard = std_health.aio.HealthServicer()
+    std_health_pb2_grpc.add_HealthServicer_to_server(standard, server)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+    return server, standard
+
+
+def bind(server: grpc.aio.Server, addrs: list[Address]) -> list[Address]:
+    """Bind every address; a TCP port 0 becomes the port the kernel chose."""
+    bound = []
+    for addr in addrs:
+        _prepare_unix(addr)
+        try:
+            port = server.add_insecure_port(addr.grpc_target())
+        except RuntimeError:
+            hint = " (does this kernel have vsock?)" if addr.scheme == "vsock" else ""
+            raise ListenError(f"cannot listen on {addr}{hint}") from None
+        if addr.scheme == "tcp":
+            addr = Address("tcp", host=addr.host, port=port)
+        bound.append(addr)
+    return bound
+
+
+async def serve(config: Config, spawner=None) -> int:
+    agent = Agent(config=config, spawner=spawner)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+
+    rpc.load_all()
+    done = []
+    try:
+        for setup in rpc.SETUPS:
+            await setup(agent)
+            done.append(setup.__module__)
+        server, standard = build_server(agent)
+        bound = bind(server, config.server_addrs)
+        await server.start()
+        for name in ("", *SERVICE_NAMES[:2]):
+            await standard.set(name, std_health_pb2.HealthCheckResponse.SERVING)
+        log.info("agent serving", extra={"fields": {"addrs": [str(a) for a in bound], "pid": os.getpid()}})
+
+        await agent.stopping.wait()
+        log.info("agent stopping")
+        await standard.enter_graceful_shutdown()
+        await server.stop(SHUTDOWN_GRACE)
+    finally:
+        agent.stopping.set()
+        for teardown in reversed(rpc.TEARDOWNS):
+            if teardown.__module__ in done:
+                try:
+                    await teardown(agent)
+                except Exception:  # noqa: BLE001 - release the rest too
+                    log.exception("teardown failed", extra={"fields": {"area": teardown.__module__}})
+    log.info("agent stopped")
+    return 0

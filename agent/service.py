@@ -1,0 +1,83 @@
+"""The gRPC services: grpc.AgentService built from the handlers in agent.rpc, and Kata's grpc.Health.
+
+This is the one place that turns domain errors into gRPC status codes. Every AgentService method is
+served: by its handler, or with UNIMPLEMENTED saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from agent import PROTOCOL_VERSION, __version__, rpc
+from agent.context import Agent
+from agent.errors import AgentError, Unimplemented, status_of
+from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+METHODS: tuple[str, ...] = tuple(m.name for m in AGENT_SERVICE.methods)
+
+
+def _method(name: str, handler):
+    async def call(self: "AgentService", request, context: grpc.aio.ServicerContext):
+        agent = self.agent
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        message = ""
+        try:
+            if agent.policy is not None:
+                agent.policy.check(name, request)
+            if handler is None:
+                raise Unimplemented(f"{name} is not implemented by this agent")
+            return await handler(agent, request, context)
+        except AgentError as exc:
+            code, message = status_of(exc)
+        except Exception as exc:  # noqa: BLE001 - any bug becomes INTERNAL, never a crash
+            code, message = status_of(exc)
+            log.exception("%s failed", name, extra={"fields": {"method": name}})
+        finally:
+            seconds = time.perf_counter() - start
+            if agent.metrics is not None:
+                agent.metrics.observe_rpc(name, code.name, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("rpc", extra={"fields": {"method": name, "code": code.name,
+                                                   "ms": round(seconds * 1000, 3), "error": message}})
+        await context.abort(code, message)
+
+    call.__name__ = name
+    return call
+
+
+def agent_service_class(handlers: dict) -> type:
+    """A servicer class with one coroutine per AgentService method."""
+    unknown = set(handlers) - set(METHODS)
+    if unknown:
+        raise RuntimeError(f"handlers for methods not in AgentService: {sorted(unknown)}")
+    body = {name: _method(name, handlers.get(name)) for name in METHODS}
+    return type("AgentService", (agent_pb2_grpc.AgentServiceServicer,), body)
+
+
+class KataHealth(health_pb2_grpc.HealthServicer):
+    """Kata's grpc.Health: SERVING while the agent serves, and the versions."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def Check(self, request, context):
+        status = (health_pb2.HealthCheckResponse.NOT_SERVING if self.agent.stopping.is_set()
+                  else health_pb2.HealthCheckResponse.SERVING)
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Version(self, request, context):
+        return health_pb2.VersionCheckResponse(grpc_version=PROTOCOL_VERSION, agent_version=__version__)
+
+
+def build_agent_service(agent: Agent):
+    cls = agent_service_class(rpc.load_all())
+    servicer = cls()
+    servicer.agent = agent
+    return servicer

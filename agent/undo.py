@@ -1,0 +1,52 @@
+"""An undo stack: every step that changes the machine registers how to take itself back."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Undo = Callable[[], Any] | Callable[[], Awaitable[Any]]
+
+
+class UndoStack:
+    """Collects undo actions; ``rollback`` runs them newest first, ``commit`` forgets them.
+
+    Use as ``async with UndoStack() as undo:``; leaving the block by an exception rolls back.
+    Undo actions must be idempotent enough to run after a partial step; a failing undo is logged
+    and the rest still run.
+    """
+
+    def __init__(self) -> None:
+        self._actions: list[tuple[str, Undo]] = []
+
+    def push(self, what: str, action: Undo) -> None:
+        self._actions.append((what, action))
+
+    def __len__(self) -> int:
+        return len(self._actions)
+
+    def commit(self) -> list[tuple[str, Undo]]:
+        """Forget the registered actions and hand them to the caller (e.g. to run at removal)."""
+        actions, self._actions = self._actions, []
+        return actions
+
+    async def rollback(self) -> None:
+        while self._actions:
+            what, action = self._actions.pop()
+            try:
+                result = action()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - keep undoing the rest
+                log.exception("undo failed", extra={"fields": {"step": what}})
+
+    async def __aenter__(self) -> "UndoStack":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            await self.rollback()
