@@ -18,6 +18,7 @@ from agent import rpc
 from agent.config import Address, Config
 from agent.context import Agent
 from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
+from agent.runtime.reaper import REAPER
 from agent.service import KataHealth, build_agent_service
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ async def serve(config: Config, spawner=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
 
+    REAPER.install(loop)
     rpc.load_all()
     done = []
     try:

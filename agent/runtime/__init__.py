@@ -1,0 +1,1 @@
+"""The container runtime: a libcontainer in Python (spawner, rootfs, processes, cgroups)."""
