@@ -109,14 +109,14 @@ build_base() {
   rm -rf "$tree" "$kdir"; mkdir -p "$kdir/debs"
 
   step "mmdebstrap ($SUITE, $DEBARCH, extract variant: no maintainer scripts run, so no binfmt needed)"
-  # The extract variant only unpacks; the customize hook uses mmdebstrap's own apt set-up (for the
+  # The extract variant only unpacks and runs only extract hooks; the hook uses mmdebstrap's own apt set-up (for the
   # guest's arch) to download the versioned kernel package that linux-image-cloud-ARCH points to.
   mmdebstrap --variant=extract --arch="$DEBARCH" --mode=root \
     --include=python3,busybox-static,kmod,iproute2,libpython3.11-stdlib,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/lintian/*' \
-    --customize-hook="$HERE/fetch-kernel.sh \"\$1\" $DEBARCH $kdir/debs" \
+    --extract-hook="$HERE/fetch-kernel.sh \"\$1\" $DEBARCH $kdir/debs" \
     "$SUITE" "$tree" \
     "deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main" \
     "deb $SECURITY_MIRROR $SUITE-security main" </dev/null

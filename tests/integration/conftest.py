@@ -1,0 +1,147 @@
+"""Integration fixtures: the agent runs on this machine as root, in a private mount namespace.
+
+``agent`` starts ``python -m agent`` under ``unshare --mount --propagation private`` with a fresh
+tmpfs on /run, so every mount it makes dies with it and the machine's /run is untouched.
+``busybox_rootfs`` is a minimal container root built from Debian's busybox-static.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="integration tests need root (namespaces, mounts, cgroups)")
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """A running agent: ``client`` is a kata_agent_client.AgentClient connected to it."""
+
+    def __init__(self, tmp: pathlib.Path, extra_args: list[str] | None = None, env: dict | None = None):
+        self.port = free_port()
+        self.addr = f"tcp://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"agent-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        cmd = ["unshare", "--mount", "--propagation", "private", "--",
+               "sh", "-c", 'mount -t tmpfs -o mode=755 agent-run /run && exec "$@"', "sh",
+               sys.executable, "-m", "agent", "--server-addr", self.addr, "--log-level", "debug",
+               "--cmdline-file", "/dev/null", *(extra_args or [])]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.pid = self.proc.pid
+        from kata_agent_client import AgentClient
+
+        self.client = AgentClient(self.addr, timeout=60)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                self.client.wait_ready(timeout=0.5)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"agent not ready after 20 s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    started: list[AgentProcess] = []
+
+    def start(extra_args=None, env=None) -> AgentProcess:
+        a = AgentProcess(tmp_path, extra_args, env)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        if a.proc.poll() is None:
+            rc = a.stop()
+            assert rc == 0, f"agent exited with {rc}:\n{a.logs()}"
+
+
+@pytest.fixture
+def agent(agent_factory) -> AgentProcess:
+    return agent_factory()
+
+
+def make_busybox_rootfs(dest: pathlib.Path) -> pathlib.Path:
+    """A container root: busybox-static with its applets, /etc/passwd and /etc/group."""
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root",
+              "home/user", "run", "var"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(dest / "tmp", 0o1777)
+    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True, check=True)
+    for path in applets.stdout.split():
+        link = dest / path
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    (dest / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\n"
+        "user:x:1000:1000:user:/home/user:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+    (dest / "etc" / "group").write_text(
+        "root:x:0:\ntty:x:5:\nusers:x:100:user\nuser:x:1000:\nextra:x:2000:user\nnogroup:x:65534:\n")
+    (dest / "etc" / "hostname").write_text("busybox\n")
+    os.chown(dest / "home" / "user", 1000, 1000)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory) -> pathlib.Path:
+    """A read-only-shared busybox root for the session; tests that write should copy it."""
+    return make_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "rootfs")
+
+
+@pytest.fixture
+def container_id() -> str:
+    return "t-" + uuid.uuid4().hex[:12]
