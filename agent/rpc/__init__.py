@@ -21,7 +21,7 @@ SETUPS: list[Callable[..., Awaitable[None]]] = []
 TEARDOWNS: list[Callable[..., Awaitable[None]]] = []
 
 # Areas, in no particular order. A module that fails to import is a bug, not a skipped feature.
-MODULES = ("containers", "sandbox", "network", "guest")
+MODULES = ("containers", "resources", "sandbox", "network", "guest")
 
 
 def rpc(method: str) -> Callable[[Handler], Handler]:
