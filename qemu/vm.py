@@ -1,0 +1,474 @@
+"""Boot the guest built by guest-image/build.sh in QEMU, and drive it.
+
+    from qemu.vm import Guest
+    with Guest(arch="x86_64") as g:      # start(): boots, returns once Health.Check answers
+        print(g.addr)                    # "tcp://127.0.0.1:PORT"
+        g.qmp("query-status")
+    # stop(): QMP quit (after a grace period if the guest is already powering off), then kill
+
+x86_64: accel "auto" tries KVM when /dev/kvm opens and falls back to TCG when the guest does not
+come up (on hosts whose /dev/kvm is a paravirtual module a stock kernel dies or crawls there);
+machine "microvm" with the uncompressed PVH kernel and a raw cpio boots fastest, "q35" has PCI
+(hotplug through QMP). aarch64: "virt" under TCG, -cpu cortex-a72.
+
+Networking is QEMU user mode with restrict=on: the guest reaches nothing; the agent's port 1024
+is forwarded to 127.0.0.1:<free port>. A host directory is shared over virtio-fs (tag
+"kataShared") when /usr/lib/qemu/virtiofsd exists. vhost-vsock-pci is added when /dev/vhost-vsock
+exists. Every process started here is tracked by pid and killed by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_ROOT = Path(os.environ.get("KATA_GUEST_OUT", REPO / "guest-image" / "out"))
+VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/bin/virtiofsd")
+AGENT_PORT = 1024
+SHARE_TAG = "kataShared"
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "kata-agent-py" if base else Path(tempfile.gettempdir()) / "kata-agent-py"
+
+
+def default_addr_file() -> Path:
+    return runtime_dir() / "guest.json"
+
+
+def host_arch() -> str:
+    return os.uname().machine
+
+
+def image_dir(arch: str) -> Path:
+    return IMAGE_ROOT / arch
+
+
+def qemu_binary(arch: str) -> str | None:
+    return shutil.which(f"qemu-system-{arch}")
+
+
+def kvm_usable(arch: str) -> bool:
+    if arch != host_arch():
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def find_virtiofsd() -> str | None:
+    for c in VIRTIOFSD_CANDIDATES:
+        if os.access(c, os.X_OK):
+            return c
+    return shutil.which("virtiofsd")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_tsc_khz() -> int | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def health_check(addr: str, timeout: float = 2.0) -> bool:
+    """One Health.Check on a fresh channel (a reused channel backs off in 5 s steps)."""
+    import grpc
+
+    target = addr.removeprefix("tcp://")
+    ch = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    try:
+        try:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            stub = health_pb2_grpc.HealthStub(ch)
+            resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except ImportError:
+            pass
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return False
+        from agent.protocols import health_pb2 as kpb, health_pb2_grpc as kgrpc
+
+        resp = kgrpc.HealthStub(ch).Check(kpb.CheckRequest(), timeout=timeout)
+        return resp.status == kpb.CheckResponse.SERVING
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+    finally:
+        ch.close()
+
+
+class BootError(RuntimeError):
+    pass
+
+
+@dataclass
+class Guest:
+    arch: str = field(default_factory=host_arch)
+    accel: str = "auto"                 # auto | kvm | tcg
+    machine: str | None = None          # x86_64: microvm (default) | q35 | pc; aarch64: virt
+    cpu: str | None = None
+    memory: str = ""                    # default 512M (x86_64) / 1G (aarch64)
+    smp: int = 0                        # default 1 (x86_64) / 2 (aarch64)
+    image: Path | None = None           # directory with manifest.json
+    share_dir: Path | None = None       # host directory shared over virtio-fs
+    virtiofs: bool | None = None        # None: whenever virtiofsd exists
+    debug_console: bool = False
+    cmdline: str = ""                   # extra kernel command line
+    run_dir: Path | None = None
+    addr_file: Path | None = None       # write the address file here (the CLI's well-known one)
+    boot_timeout: float = 120.0
+    kvm_timeout: float = 20.0           # how long a KVM attempt may take before falling back
+    name: str = "guest"
+    # filled by start()
+    addr: str = ""
+    port: int = 0
+    used_accel: str = ""
+    boot_seconds: float = 0.0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    virtiofsd_proc: subprocess.Popen | None = field(default=None, repr=False)
+    _own_run_dir: bool = field(default=False, repr=False)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def image_path(self) -> Path:
+        return Path(self.image) if self.image else image_dir(self.arch)
+
+    @property
+    def qmp_socket(self) -> Path:
+        assert self.run_dir
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        assert self.run_dir
+        return self.run_dir / "console.log"
+
+    @property
+    def virtiofs_socket(self) -> Path:
+        assert self.run_dir
+        return self.run_dir / "virtiofsd.sock"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def manifest(self) -> dict:
+        p = self.image_path / "manifest.json"
+        if not p.exists():
+            raise BootError(f"no guest image at {self.image_path}: run "
+                            f"`bash guest-image/build.sh --arch {self.arch}` first")
+        return json.loads(p.read_text())
+
+    # ------------------------------------------------------------------ command line
+    def _qemu_argv(self, accel: str, mem_backend: bool) -> list[str]:
+        m = self.manifest()
+        qemu = qemu_binary(self.arch)
+        if not qemu:
+            raise BootError(f"qemu-system-{self.arch} not found")
+        kernel = m["kernel"]["path"]
+        initrd = m["initrd"]["path"]
+        console = m.get("console", "ttyS0")
+        memory = self.memory or ("512M" if self.arch == "x86_64" else "1G")
+        smp = self.smp or (1 if self.arch == "x86_64" else 2)
+        machine = self.machine or ("microvm" if self.arch == "x86_64" else "virt")
+        mmio = machine == "microvm"
+        dev = (lambda d: f"{d}-device") if mmio else (lambda d: f"{d}-pci")
+        append = [f"console={console}", "reboot=t" if self.arch == "x86_64" else "", "panic=-1",
+                  "loglevel=4", "agent.log=info"]
+        if self.arch == "x86_64":
+            if mmio and m["kernel"]["path"].endswith("vmlinuz"):
+                pass
+            khz = host_tsc_khz()
+            if khz and accel == "tcg":
+                append += [f"tsc_early_khz={khz}", "tsc=reliable"]
+            append += ["random.trust_cpu=on", "i8042.noaux", "i8042.nokbd", "pci=off" if mmio else ""]
+        if self.debug_console:
+            append.append("agent.debug_console")
+        if self.cmdline:
+            append.append(self.cmdline)
+        mach = machine
+        if machine == "microvm":
+            mach += ",x-option-roms=off,isa-serial=on,rtc=on,pit=off,pic=off,acpi=on"
+        if self.arch == "aarch64":
+            mach += ",gic-version=3" if self.cpu in ("max",) else ""
+        if mem_backend:
+            mach += ",memory-backend=mem"
+        argv = [qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+                "-machine", mach, "-accel", accel, "-m", memory, "-smp", str(smp),
+                "-kernel", kernel, "-initrd", initrd, "-append", " ".join(a for a in append if a),
+                "-serial", f"file:{self.console_log}",
+                "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+                "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{AGENT_PORT}",
+                "-device", f"{dev('virtio-net')},netdev=net0",
+                "-device", dev("virtio-rng"),
+                "-pidfile", str(self.run_dir / "qemu.pid")]
+        if mmio:  # virtio-mmio defaults to legacy (v1), which vhost-user (virtiofsd) refuses
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+        cpu = self.cpu or ("host" if accel == "kvm" else ("max" if self.arch == "x86_64" else "cortex-a72"))
+        argv += ["-cpu", cpu]
+        if mem_backend:
+            argv += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+                     "-chardev", f"socket,id=vfs,path={self.virtiofs_socket}",
+                     "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={SHARE_TAG},queue-size=1024"]
+        if os.path.exists("/dev/vhost-vsock") and not mmio:
+            argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + os.getpid() % 100000}"]
+        return argv
+
+    # ------------------------------------------------------------------ lifecycle
+    def _start_virtiofsd(self) -> bool:
+        binary = find_virtiofsd()
+        if not binary:
+            return False
+        assert self.share_dir
+        log = open(self.run_dir / "virtiofsd.log", "wb")
+        self.virtiofsd_proc = subprocess.Popen(
+            [binary, f"--socket-path={self.virtiofs_socket}", "-o", f"source={self.share_dir}",
+             "-o", "cache=auto"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 5
+        while not self.virtiofs_socket.exists():
+            if self.virtiofsd_proc.poll() is not None or time.monotonic() > deadline:
+                self._kill(self.virtiofsd_proc)
+                self.virtiofsd_proc = None
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _boot_once(self, accel: str, timeout: float) -> bool:
+        """One QEMU start; True once Health.Check answers, False if QEMU died or timed out."""
+        self.port = free_port()
+        self.addr = f"tcp://127.0.0.1:{self.port}"
+        for p in (self.qmp_socket, self.console_log, self.virtiofs_socket):
+            p.unlink(missing_ok=True)
+        use_fs = self.virtiofs if self.virtiofs is not None else bool(find_virtiofsd())
+        mem_backend = bool(use_fs) and self._start_virtiofsd()
+        argv = self._qemu_argv(accel, mem_backend)
+        (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+        qlog = open(self.run_dir / "qemu.log", "wb")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        qlog.close()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if health_check(self.addr, timeout=1.0):
+                self.boot_seconds = time.monotonic() - t0
+                self.used_accel = accel
+                return True
+            time.sleep(0.05)
+        self._kill_all()
+        return False
+
+    def start(self) -> "Guest":
+        if self.proc and self.proc.poll() is None:
+            return self
+        if self.run_dir is None:
+            runtime_dir().mkdir(parents=True, exist_ok=True)
+            self.run_dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=runtime_dir()))
+            self._own_run_dir = True
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.share_dir is None:
+            self.share_dir = self.run_dir / "shared"
+        Path(self.share_dir).mkdir(parents=True, exist_ok=True)
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise ValueError(f"accel must be auto, kvm or tcg, not {self.accel!r}")
+        attempts: list[tuple[str, float]] = []
+        if self.accel in ("auto", "kvm") and kvm_usable(self.arch):
+            attempts.append(("kvm", self.kvm_timeout if self.accel == "auto" else self.boot_timeout))
+        elif self.accel == "kvm":
+            raise BootError("--accel kvm: /dev/kvm is not usable for this arch")
+        if self.accel in ("auto", "tcg"):
+            attempts.append(("tcg", self.boot_timeout))
+        for accel, timeout in attempts:
+            if self._boot_once(accel, timeout):
+                if self.addr_file:
+                    self.write_addr_file(Path(self.addr_file))
+                return self
+        tail = self.console_tail()
+        qlog = (self.run_dir / "qemu.log").read_text(errors="replace")[-2000:] if (self.run_dir / "qemu.log").exists() else ""
+        raise BootError(f"guest did not answer Health.Check ({', '.join(a for a, _ in attempts)}); "
+                        f"qemu: {qlog.strip()}\nconsole tail:\n{tail}")
+
+    def console_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.console_log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def info(self) -> dict:
+        return {"addr": self.addr, "pid": self.pid, "qmp": str(self.qmp_socket),
+                "shared_dir": str(self.share_dir), "share_tag": SHARE_TAG if self.virtiofsd_proc else None,
+                "console_log": str(self.console_log), "arch": self.arch, "accel": self.used_accel,
+                "virtiofsd_pid": self.virtiofsd_proc.pid if self.virtiofsd_proc else None,
+                "run_dir": str(self.run_dir), "boot_seconds": round(self.boot_seconds, 3)}
+
+    def write_addr_file(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info(), indent=2) + "\n")
+        tmp.replace(path)
+
+    def qmp(self, command: str, **arguments) -> dict:
+        """Run one QMP command on a fresh connection; returns its "return" value."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(self.qmp_socket))
+            f = s.makefile("rwb")
+
+            def recv() -> dict:
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise BootError("QMP connection closed")
+                    msg = json.loads(line)
+                    if "event" not in msg:
+                        return msg
+
+            recv()  # greeting
+            for cmd, args in (("qmp_capabilities", {}), (command, arguments)):
+                req = {"execute": cmd}
+                if args:
+                    req["arguments"] = args
+                f.write(json.dumps(req).encode() + b"\n")
+                f.flush()
+                msg = recv()
+                if "error" in msg:
+                    raise BootError(f"QMP {cmd}: {msg['error']}")
+            return msg.get("return", {})
+
+    def running(self) -> bool:
+        return bool(self.proc and self.proc.poll() is None)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if not self.proc:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
+        if not proc or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def _kill_all(self) -> None:
+        self._kill(self.proc)
+        self._kill(self.virtiofsd_proc)
+        self.virtiofsd_proc = None
+
+    def stop(self, grace: float = 0.0) -> None:
+        """Give a guest that is powering itself off `grace` seconds, then QMP quit, then kill."""
+        if self.running() and grace:
+            self.wait(grace)
+        if self.running():
+            try:
+                self.qmp("quit")
+            except (OSError, BootError, ValueError):
+                pass
+            if self.wait(5) is None:
+                self._kill(self.proc)
+        self._kill_all()
+        if self.addr_file:
+            try:
+                data = json.loads(Path(self.addr_file).read_text())
+                if data.get("pid") == self.pid:
+                    Path(self.addr_file).unlink()
+            except (OSError, ValueError):
+                pass
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_run_dir and self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Guest":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def stop_from_addr_file(path: Path, timeout: float = 10.0) -> bool:
+    """Stop a guest that qemu/boot.py started in the background (by the pids it recorded)."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    pid = info.get("pid")
+    qmp = info.get("qmp")
+    if qmp and os.path.exists(qmp):
+        g = Guest(run_dir=Path(info["run_dir"]))
+        try:
+            g.qmp("quit")
+        except (OSError, BootError, ValueError):
+            pass
+    for p in (pid, info.get("virtiofsd_pid")):
+        if not p:
+            continue
+        deadline = time.monotonic() + timeout
+        while _pid_alive(p, info) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if time.monotonic() > deadline - timeout / 2:
+                _signal(p, signal.SIGTERM)
+        if _pid_alive(p, info):
+            _signal(p, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True
+
+
+def _pid_alive(pid: int, info: dict) -> bool:
+    """Alive and still one of ours (its command line names our run dir)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return info.get("run_dir", "\0") in cmd
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
