@@ -23,7 +23,7 @@ def main(cmdline: dict) -> None:
 
     class KataHealth(health_pb2_grpc.HealthServicer):
         def Check(self, request, context):
-            return health_pb2.CheckResponse(status=health_pb2.CheckResponse.SERVING)
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
         def Version(self, request, context):
             return health_pb2.VersionCheckResponse(grpc_version="stub", agent_version="stub")

@@ -114,7 +114,7 @@ def health_check(addr: str, timeout: float = 2.0) -> bool:
         from agent.protocols import health_pb2 as kpb, health_pb2_grpc as kgrpc
 
         resp = kgrpc.HealthStub(ch).Check(kpb.CheckRequest(), timeout=timeout)
-        return resp.status == kpb.CheckResponse.SERVING
+        return resp.status == kpb.HealthCheckResponse.SERVING
     except Exception:  # noqa: BLE001 - any failure means "not yet"
         return False
     finally:
@@ -151,6 +151,8 @@ class Guest:
     proc: subprocess.Popen | None = field(default=None, repr=False)
     virtiofsd_proc: subprocess.Popen | None = field(default=None, repr=False)
     _own_run_dir: bool = field(default=False, repr=False)
+    _shell: socket.socket | None = field(default=None, repr=False)
+    _seq: int = field(default=0, repr=False)
 
     # ------------------------------------------------------------------ paths
     @property
@@ -166,6 +168,11 @@ class Guest:
     def console_log(self) -> Path:
         assert self.run_dir
         return self.run_dir / "console.log"
+
+    @property
+    def shell_socket(self) -> Path:
+        assert self.run_dir
+        return self.run_dir / "shell.sock"
 
     @property
     def virtiofs_socket(self) -> Path:
@@ -207,7 +214,8 @@ class Guest:
                 append += [f"tsc_early_khz={khz}", "tsc=reliable"]
             append += ["random.trust_cpu=on", "i8042.noaux", "i8042.nokbd", "pci=off" if mmio else ""]
         if self.debug_console:
-            append.append("agent.debug_console")
+            # shell on hvc0 (virtconsole on a unix socket: Guest.shell()); the kernel keeps ttyS0
+            append += ["agent.debug_console", "agent.debug_console_dev=hvc0"]
         if self.cmdline:
             append.append(self.cmdline)
         mach = machine
@@ -234,6 +242,9 @@ class Guest:
             argv += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
                      "-chardev", f"socket,id=vfs,path={self.virtiofs_socket}",
                      "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={SHARE_TAG},queue-size=1024"]
+        if self.debug_console:
+            argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
+                     "-device", dev("virtio-serial"), "-device", "virtconsole,chardev=shell"]
         if os.path.exists("/dev/vhost-vsock") and not mmio:
             argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + os.getpid() % 100000}"]
         return argv
@@ -263,7 +274,7 @@ class Guest:
         """One QEMU start; True once Health.Check answers, False if QEMU died or timed out."""
         self.port = free_port()
         self.addr = f"tcp://127.0.0.1:{self.port}"
-        for p in (self.qmp_socket, self.console_log, self.virtiofs_socket):
+        for p in (self.qmp_socket, self.console_log, self.virtiofs_socket, self.shell_socket):
             p.unlink(missing_ok=True)
         use_fs = self.virtiofs if self.virtiofs is not None else bool(find_virtiofsd())
         mem_backend = bool(use_fs) and self._start_virtiofsd()
@@ -364,6 +375,45 @@ class Guest:
                     raise BootError(f"QMP {cmd}: {msg['error']}")
             return msg.get("return", {})
 
+    def shell(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run a command in the guest's debug shell (needs debug_console=True): (status, output)."""
+        import re
+
+        if not self.debug_console:
+            raise BootError("Guest.shell() needs debug_console=True")
+        if self._shell is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(self.shell_socket))
+            self._shell = s
+            self._shell_run("stty -echo 2>/dev/null; PS1=''; PS2=''", timeout)
+        return self._shell_run(command, timeout)
+
+    def _shell_run(self, command: str, timeout: float) -> tuple[int, str]:
+        import re
+
+        assert self._shell is not None
+        self._seq += 1
+        mark = f"@@{self._seq}@@"
+        # the marker is split in the sent text, so an echo of the input never matches
+        line = f'{command}\necho "@@{self._seq}""@@:$?"\n'
+        self._shell.sendall(line.encode())
+        buf = b""
+        pat = re.compile(re.escape(mark).encode() + rb":(\d+)")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pat.search(buf)
+            if m:
+                out = buf[: m.start()].decode(errors="replace").replace("\r\n", "\n")
+                return int(m.group(1)), out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"guest shell: {command!r} did not finish; output so far: {buf[-500:]!r}")
+            self._shell.settimeout(left)
+            chunk = self._shell.recv(65536)
+            if not chunk:
+                raise BootError("guest shell closed")
+            buf += chunk
+
     def running(self) -> bool:
         return bool(self.proc and self.proc.poll() is None)
 
@@ -387,6 +437,9 @@ class Guest:
             proc.wait(5)
 
     def _kill_all(self) -> None:
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
         self._kill(self.proc)
         self._kill(self.virtiofsd_proc)
         self.virtiofsd_proc = None

@@ -1,0 +1,134 @@
+"""The guest boots, PID 1 sets the machine up, and the agent answers over TCP (hostfwd)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from qemu.vm import health_check
+
+
+def test_kata_health_check(health_stub):
+    from agent.protocols import health_pb2
+
+    resp = health_stub.Check(health_pb2.CheckRequest(), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_kata_health_version(health_stub):
+    from agent.protocols import health_pb2
+
+    resp = health_stub.Version(health_pb2.CheckRequest(), timeout=10)
+    assert resp.agent_version
+
+
+def test_standard_health_service(agent_channel):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    resp = health_pb2_grpc.HealthStub(agent_channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_fresh_channel_health_helper(guest):
+    assert health_check(guest.addr)
+
+
+def test_pid1_mounts(guest):
+    rc, out = guest.shell("cat /proc/mounts")
+    assert rc == 0
+    mounts = {line.split()[1]: line.split()[2] for line in out.splitlines() if len(line.split()) > 2}
+    for path, fstype in {"/proc": "proc", "/sys": "sysfs", "/dev": "devtmpfs", "/dev/pts": "devpts",
+                         "/dev/shm": "tmpfs", "/run": "tmpfs", "/tmp": "tmpfs",
+                         "/sys/fs/cgroup": "cgroup2"}.items():
+        assert mounts.get(path) == fstype, (path, out)
+
+
+def test_cgroup2_controllers_delegated(guest):
+    rc, out = guest.shell("cat /sys/fs/cgroup/cgroup.subtree_control")
+    assert rc == 0
+    for c in ("cpu", "memory", "pids"):
+        assert c in out.split(), out
+
+
+def test_network_static_user_net(guest):
+    rc, out = guest.shell("ip -4 addr show dev eth0; ip route show default")
+    assert rc == 0
+    assert "10.0.2.15/24" in out, out
+    assert "default via 10.0.2.2" in out, out
+
+
+def test_kernel_modules_loaded(guest):
+    rc, out = guest.shell("cut -d' ' -f1 /proc/modules")
+    assert rc == 0
+    for m in ("virtio_net", "vsock_loopback", "virtiofs", "virtio_blk"):
+        assert m in out.split(), out
+
+
+def test_overlay_autoloads(guest):
+    rc, out = guest.shell("grep -w overlay /proc/filesystems")
+    assert rc == 0, out
+
+
+def test_virtiofs_share(guest):
+    if not guest.virtiofsd_proc:
+        pytest.skip("no virtiofsd on this host")
+    name = f"probe-{uuid.uuid4().hex[:8]}"
+    (guest.share_dir / name).write_text("from the host\n")
+    rc, out = guest.shell(f"mkdir -p /mnt/vfs && mount -t virtiofs kataShared /mnt/vfs && "
+                          f"cat /mnt/vfs/{name} && echo from-guest > /mnt/vfs/{name}.back; "
+                          f"r=$?; umount /mnt/vfs; exit_r=$r; true")
+    assert rc == 0 and "from the host" in out, out
+    assert (guest.share_dir / f"{name}.back").read_text() == "from-guest\n"
+
+
+VSOCK_ECHO = r'''
+import socket, threading
+srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+srv.bind((socket.VMADDR_CID_ANY, 7777)); srv.listen(1)
+def serve():
+    c, _ = srv.accept(); c.sendall(c.recv(100).upper()); c.close()
+threading.Thread(target=serve).start()
+cl = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); cl.settimeout(10)
+cl.connect((1, 7777)); cl.sendall(b"ping"); print("ECHO", cl.recv(100).decode())
+'''
+
+
+def test_vsock_loopback_in_guest(guest):
+    """The guest kernel's vsock (CID 1, loopback transport) works: the base for vsock://."""
+    rc, out = guest.shell(f"python3 -c '{VSOCK_ECHO}'", timeout=60)
+    assert rc == 0 and "ECHO PING" in out, out
+
+
+H2_PROBE = r'''
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); s.settimeout(10)
+s.connect((1, 1024))
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+head = s.recv(9)
+print("FRAME", head[3] if len(head) > 3 else None)
+'''
+
+
+@pytest.mark.xfail(reason="PyPI grpcio wheels are built without GRPC_HAVE_VSOCK ('VSOCK is not "
+                          "supported'): the agent needs its own vsock listener/relay", strict=False)
+def test_agent_serves_vsock_in_guest(guest):
+    """An HTTP/2 server (the agent's gRPC) answers on vsock CID 1 port 1024 inside the guest."""
+    rc, out = guest.shell(f"python3 -c '{H2_PROBE}'", timeout=60)
+    assert rc == 0 and "FRAME 4" in out, out
+
+
+def test_qmp(guest):
+    assert guest.qmp("query-status")["status"] == "running"
+
+
+@pytest.mark.parametrize("arch", ["aarch64"])
+def test_other_arch_boots_to_health_check(guest_for, arch):
+    arches = os.environ.get("KATA_VM_ARCHES", "x86_64,aarch64").split(",")
+    if arch not in arches:
+        pytest.skip(f"{arch} not in KATA_VM_ARCHES")
+    g = guest_for(arch)
+    assert health_check(g.addr, timeout=10)
+    rc, out = g.shell("uname -m")
+    assert rc == 0 and arch in out
