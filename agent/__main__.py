@@ -8,6 +8,7 @@ gRPC server built.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     spawner = None
     try:
-        from agent.runtime import spawner as spawner_mod
+        spawner_mod = importlib.import_module("agent.runtime.spawner")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("agent.runtime", "agent.runtime.spawner"):
+        if exc.name != "agent.runtime.spawner":
             raise
     else:
         spawner = spawner_mod.start_spawner(cfg)
