@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 
 
 def state_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("KATA_AGENT_PY_STATE", "/tmp/kata-agent-py"))
+    """$XDG_RUNTIME_DIR/kata-agent-py, else /tmp/kata-agent-py (qemu/ writes guest.json there)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return pathlib.Path(base or tempfile.gettempdir()) / "kata-agent-py"
 
 
 def guest_file() -> pathlib.Path:
