@@ -1,0 +1,523 @@
+"""Code that runs in the spawner's forked children: container init, exec'd processes, tasks.
+
+Imports only the standard library and agent.linux (the spawner is forked before grpc exists).
+Every child talks to the agent on its own ``sync`` socket (SOCK_SEQPACKET, JSON messages):
+
+* the intermediate child sends ``{"pid": N}`` (the grandchild's pid) and exits, so the
+  grandchild is re-parented to the agent (a child subreaper, or PID 1) and reaped there;
+* a container init sends ``{"ready": true}`` or ``{"error": "..."}``, then blocks until the agent
+  writes the start byte, then execs; the sync fd is close-on-exec, so the agent reads EOF when
+  exec succeeded and ``{"error": ...}`` when it failed;
+* an exec'd process does the same without waiting for a start byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import struct
+import termios
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from agent import linux
+from agent.runtime.paths import mkdir_all, secure_join
+
+DEFAULT_DEVICES = [("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7),
+                   ("/dev/random", 1, 8), ("/dev/urandom", 1, 9), ("/dev/tty", 5, 0)]
+DEV_LINKS = [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
+             ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr"),
+             ("pts/ptmx", "/dev/ptmx")]
+NS_ORDER = [("user", linux.CLONE_NEWUSER), ("cgroup", linux.CLONE_NEWCGROUP), ("ipc", linux.CLONE_NEWIPC),
+            ("uts", linux.CLONE_NEWUTS), ("net", linux.CLONE_NEWNET), ("pid", linux.CLONE_NEWPID),
+            ("mnt", linux.CLONE_NEWNS)]
+# statvfs flags -> mount flags, kept when a mount is remounted read-only.
+_KEEP_FLAGS = [(os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV), (os.ST_NOEXEC, linux.MS_NOEXEC),
+               (os.ST_NOATIME, linux.MS_NOATIME), (os.ST_NODIRATIME, linux.MS_NODIRATIME),
+               (os.ST_RELATIME, linux.MS_RELATIME)]
+
+
+class SetupError(Exception):
+    """A step of the container set-up failed; the message says which."""
+
+
+def send(sync: socket.socket, msg: dict[str, Any]) -> None:
+    try:
+        sync.send(json.dumps(msg).encode())
+    except OSError:
+        pass
+
+
+def fail(sync: socket.socket, message: str, code: int = 1) -> NoReturn:
+    send(sync, {"error": message})
+    os._exit(code)
+
+
+def _step(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as exc:
+        raise SetupError(f"{what}: {exc.strerror or exc}") from None
+
+
+# --- entry points (called in the spawner's forked child) ----------------------------------------
+
+def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], procs: list[str]) -> NoReturn:
+    """The intermediate child of a CreateContainer: join, unshare, fork the init, report its pid."""
+    try:
+        _join_paths(cfg["namespaces"])
+        _join_cgroup(procs)
+        flags = 0
+        for flag, path in cfg["namespaces"]:
+            if not path:
+                flags |= flag
+        _step("unshare", linux.unshare, flags)
+        pid = os.fork()
+    except (OSError, SetupError) as exc:
+        fail(sync, str(exc))
+    if pid == 0:
+        _container_init(cfg, sync, stdio)
+    send(sync, {"pid": pid})
+    os._exit(0)
+
+
+def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], procs: list[str]) -> NoReturn:
+    """The intermediate child of an ExecProcess: join the init's namespaces, cgroup and root."""
+    init = req["init_pid"]
+    try:
+        root = _step("open the container's root", os.open, f"/proc/{init}/root", os.O_DIRECTORY | os.O_RDONLY)
+        ns_fds = _open_namespaces(init)
+        _join_cgroup(procs)
+        for name, fd, flag in ns_fds:
+            _step(f"setns {name}", linux.setns, fd, flag)
+        pid = os.fork()
+    except (OSError, SetupError) as exc:
+        fail(sync, str(exc))
+    if pid == 0:
+        try:
+            _step("enter the container's root", os.fchdir, root)
+            _step("chroot", os.chroot, ".")
+            os.close(root)
+            _exec_process(req["process"], sync, stdio, wait_start=False)
+        except (OSError, SetupError) as exc:
+            fail(sync, str(exc))
+    send(sync, {"pid": pid})
+    os._exit(0)
+
+
+def spawn_task(fn: Callable[..., Any], args: dict[str, Any], sync: socket.socket, fds: list[int]) -> NoReturn:
+    """The intermediate child of a generic task: fork the worker, report its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(args, fds, lambda msg: send(sync, msg))
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            send(sync, {"error": f"{type(exc).__name__}: {exc}"})
+            code = 1
+        os._exit(code)
+    send(sync, {"pid": pid})
+    os._exit(0)
+
+
+# --- namespaces and cgroups ---------------------------------------------------------------------
+
+def _join_paths(namespaces: list[list[Any]]) -> None:
+    for flag, path in namespaces:
+        if path:
+            fd = _step(f"open namespace {path}", os.open, path, os.O_RDONLY)
+            _step(f"setns {path}", linux.setns, fd, flag)
+            os.close(fd)
+
+
+def _join_cgroup(procs: list[str]) -> None:
+    me = str(os.getpid())
+    for path in procs:
+        fd = _step(f"join cgroup {path}", os.open, path, os.O_WRONLY)
+        try:
+            _step(f"join cgroup {path}", os.write, fd, me.encode())
+        finally:
+            os.close(fd)
+
+
+def _open_namespaces(pid: int) -> list[tuple[str, int, int]]:
+    """Fds of the namespaces of ``pid`` that differ from ours, in joining order."""
+    out = []
+    for name, flag in NS_ORDER:
+        theirs = f"/proc/{pid}/ns/{name}"
+        try:
+            if os.stat(theirs).st_ino == os.stat(f"/proc/self/ns/{name}").st_ino:
+                continue
+        except FileNotFoundError:
+            continue
+        out.append((name, _step(f"open {theirs}", os.open, theirs, os.O_RDONLY), flag))
+    return out
+
+
+# --- the container init -------------------------------------------------------------------------
+
+def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int]) -> NoReturn:
+    try:
+        os.umask(0)
+        proc = cfg["process"]
+        _setup_stdio(stdio, proc["terminal"], sync)
+        _prepare_rootfs(cfg, proc["terminal"])
+        _pivot(cfg["rootfs"])
+        _finish_rootfs(cfg)
+        if cfg["hostname"] and _new_ns(cfg, linux.CLONE_NEWUTS):
+            _step("sethostname", linux.sethostname, cfg["hostname"])
+        _exec_process(proc, sync, stdio=None, wait_start=True)
+    except (OSError, SetupError) as exc:
+        fail(sync, str(exc))
+
+
+def _new_ns(cfg: dict[str, Any], flag: int) -> bool:
+    return any(f == flag and not p for f, p in cfg["namespaces"])
+
+
+def _setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket) -> None:
+    os.setsid()
+    if terminal:
+        _step("set the controlling terminal", fcntl.ioctl, stdio[0], termios.TIOCSCTTY, 0)
+    for target, fd in enumerate(stdio):
+        if fd != target:
+            os.dup2(fd, target)
+    keep = sync.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 16)
+
+
+def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
+    rootfs = cfg["rootfs"]
+    _step("set the root propagation", linux.mount, None, "/", None, cfg["root_propagation"])
+    _step(f"bind {rootfs}", linux.mount, rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+    for m in cfg["mounts"]:
+        _mount(rootfs, m)
+    if cfg["default_devices"]:
+        _default_devices(rootfs)
+    for dev in cfg["devices"]:
+        _make_device(rootfs, dev)
+    if terminal:
+        _bind_console(rootfs)
+
+
+def _mount(rootfs: str, m: dict[str, Any]) -> None:
+    where = f"mount {m['destination']}"
+    if m["type"] == "cgroup":
+        return _mount_cgroup(rootfs, m)
+    flags = m["flags"]
+    if flags & linux.MS_BIND:
+        dest = _bind_target(rootfs, m)
+        _step(where, linux.mount, m["source"], dest, None, flags & (linux.MS_BIND | linux.MS_REC))
+        if flags & ~(linux.MS_BIND | linux.MS_REC):
+            _step(where, linux.mount, None, dest, None, flags | linux.MS_REMOUNT)
+    else:
+        dest = _step(where, mkdir_all, rootfs, m["destination"])
+        _step(where, linux.mount, m["source"], dest, m["type"], flags, m["data"] or None)
+    for p in m["propagation"]:
+        _step(where, linux.mount, None, dest, None, p)
+
+
+def _bind_target(rootfs: str, m: dict[str, Any]) -> str:
+    dest = secure_join(rootfs, m["destination"])
+    src_is_dir = _step(f"mount {m['destination']}: source {m['source']}", os.stat, m["source"]).st_mode
+    if stat.S_ISDIR(src_is_dir):
+        _step(f"mount {m['destination']}", os.makedirs, dest, 0o755, True)
+    elif not os.path.lexists(dest):
+        _step(f"mount {m['destination']}", os.makedirs, os.path.dirname(dest), 0o755, True)
+        os.close(_step(f"mount {m['destination']}", os.open, dest, os.O_CREAT | os.O_WRONLY, 0o644))
+    return dest
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controllers (as in /proc/self/cgroup, "" for cgroup2) -> this process's cgroup path."""
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            out[controllers] = path
+    return out
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str, str]]:
+    """(mount point, fs type, mount root, super options) of the cgroup mounts under /sys/fs/cgroup."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields[0] in ("cgroup", "cgroup2") and fields[4].startswith("/sys/fs/cgroup"):
+                out.append((fields[4], rfields[0], fields[3], rfields[2]))
+    return out
+
+
+def _mount_cgroup(rootfs: str, m: dict[str, Any]) -> None:
+    where = f"mount {m['destination']}"
+    dest = _step(where, mkdir_all, rootfs, m["destination"])
+    own = _own_cgroups()
+    mounts = _cgroup_mounts()
+    flags = m["flags"] & ~linux.MS_RDONLY
+    if len(mounts) == 1 and mounts[0][1] == "cgroup2":
+        _bind_cgroup(dest, mounts[0][0] + own.get("", "/"), m["flags"], where)
+        return
+    _step(where, linux.mount, "tmpfs", dest, "tmpfs", flags, "mode=755")
+    for point, fstype, _root, opts in mounts:
+        name = os.path.basename(point)
+        if not name or point == "/sys/fs/cgroup":
+            continue
+        controllers = "" if fstype == "cgroup2" else _controllers_of(opts, own)
+        if controllers is None or controllers not in own:
+            continue
+        sub = os.path.join(dest, name)
+        os.makedirs(sub, exist_ok=True)
+        _bind_cgroup(sub, point + own[controllers], m["flags"], where)
+        if "," in name:
+            for alias in name.split(","):
+                if not os.path.lexists(os.path.join(dest, alias)):
+                    os.symlink(name, os.path.join(dest, alias))
+    if m["flags"] & linux.MS_RDONLY:
+        _step(where, linux.mount, None, dest, None, linux.MS_REMOUNT | m["flags"])
+
+
+def _controllers_of(opts: str, own: dict[str, str]) -> str | None:
+    words = set(opts.split(","))
+    for controllers in own:
+        if controllers and set(controllers.split(",")) <= words:
+            return controllers
+    return None
+
+
+def _bind_cgroup(dest: str, source: str, flags: int, where: str) -> None:
+    _step(where, linux.mount, source, dest, None, linux.MS_BIND | linux.MS_REC)
+    _step(where, linux.mount, None, dest, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
+
+
+def _default_devices(rootfs: str) -> None:
+    for path, major, minor in DEFAULT_DEVICES:
+        _make_device(rootfs, {"path": path, "mode": stat.S_IFCHR | 0o666, "major": major, "minor": minor,
+                              "uid": 0, "gid": 0})
+    for target, link in DEV_LINKS:
+        full = secure_join(rootfs, link)
+        if not os.path.lexists(full):
+            _step(f"symlink {link}", os.symlink, target, full)
+    if os.path.exists("/proc/kcore"):
+        full = secure_join(rootfs, "/dev/core")
+        if not os.path.lexists(full):
+            os.symlink("/proc/kcore", full)
+
+
+def _make_device(rootfs: str, dev: dict[str, Any]) -> None:
+    where = f"device {dev['path']}"
+    full = secure_join(rootfs, dev["path"])
+    _step(where, os.makedirs, os.path.dirname(full), 0o755, True)
+    if os.path.lexists(full):
+        _step(where, os.unlink, full)
+    try:
+        os.mknod(full, dev["mode"], os.makedev(dev["major"], dev["minor"]))
+    except PermissionError:  # no CAP_MKNOD: bind the host's node, as runc does
+        os.close(os.open(full, os.O_CREAT | os.O_WRONLY, 0o644))
+        _step(where, linux.mount, dev["path"], full, None, linux.MS_BIND)
+        return
+    except OSError as exc:
+        raise SetupError(f"{where}: {exc.strerror}") from None
+    _step(where, os.chown, full, dev["uid"], dev["gid"])
+
+
+def _bind_console(rootfs: str) -> None:
+    full = secure_join(rootfs, "/dev/console")
+    if not os.path.lexists(full):
+        os.close(os.open(full, os.O_CREAT | os.O_WRONLY, 0o600))
+    _step("bind /dev/console", linux.mount, os.ttyname(0), full, None, linux.MS_BIND)
+
+
+def _pivot(rootfs: str) -> None:
+    old = os.open("/", os.O_DIRECTORY | os.O_RDONLY)
+    new = os.open(rootfs, os.O_DIRECTORY | os.O_RDONLY)
+    os.fchdir(new)
+    try:
+        linux.pivot_root(".", ".")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise SetupError(f"pivot_root: {exc.strerror}") from None
+        _move_root()  # the guest root is an initramfs: pivot_root refuses it
+    else:
+        os.fchdir(old)
+        _step("detach the old root", linux.mount, None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+        _step("detach the old root", linux.umount2, ".", linux.MNT_DETACH)
+        os.chdir("/")
+    os.close(old)
+    os.close(new)
+
+
+def _move_root() -> None:
+    _step("move the root", linux.mount, ".", "/", None, linux.MS_MOVE)
+    _step("chroot", os.chroot, ".")
+    os.chdir("/")
+
+
+def _kept_flags(path: str) -> int:
+    f_flag = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _KEEP_FLAGS if f_flag & st)
+
+
+def _finish_rootfs(cfg: dict[str, Any]) -> None:
+    for key, value in cfg["sysctl"].items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        with open(path, "w") as f:
+            _step(f"sysctl {key}", f.write, value)
+    for path in cfg["readonly_paths"]:
+        _readonly(path)
+    for path in cfg["masked_paths"]:
+        _mask(path)
+    if cfg["readonly_root"]:
+        _step("readonly root", linux.mount, None, "/", None,
+              linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | _kept_flags("/"))
+
+
+def _readonly(path: str) -> None:
+    try:
+        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SetupError(f"readonly path {path}: {exc.strerror}") from None
+    _step(f"readonly path {path}", linux.mount, None, path, None,
+          linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_REC | _kept_flags(path))
+
+
+def _mask(path: str) -> None:
+    try:
+        if os.path.isdir(path):
+            linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY)
+        else:
+            linux.mount("/dev/null", path, None, linux.MS_BIND)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SetupError(f"masked path {path}: {exc.strerror}") from None
+
+
+# --- the process --------------------------------------------------------------------------------
+
+def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | None, wait_start: bool) -> NoReturn:
+    if stdio is not None:
+        _setup_stdio(stdio, proc["terminal"], sync)
+    if proc["oom_score_adj"] is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            _step("oom_score_adj", f.write, str(proc["oom_score_adj"]))
+    for res, soft, hard in proc["rlimits"]:
+        _step(f"setrlimit {res}", resource.setrlimit, res, (soft, hard))
+    user = resolve_user(proc)
+    env = _environment(proc["env"], user.home)
+    _become(user, proc)
+    try:
+        os.chdir(proc["cwd"])
+    except OSError as exc:
+        raise SetupError(f"chdir {proc['cwd']}: {exc.strerror}") from None
+    os.umask(proc["umask"])
+    if proc["no_new_privileges"]:
+        _step("no_new_privs", linux.prctl, linux.PR_SET_NO_NEW_PRIVS, 1)
+    if wait_start:
+        send(sync, {"ready": True})
+        if sync.recv(16) != b"start":
+            os._exit(1)  # the agent gave up on this container
+    _reset_signals()
+    try:
+        os.execvpe(proc["args"][0], proc["args"], env)
+    except OSError as exc:
+        fail(sync, f"exec {proc['args'][0]}: {exc.strerror}", 127)
+
+
+def _reset_signals() -> None:
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _environment(env_list: list[str], home: str) -> dict[str, str]:
+    env = dict(e.split("=", 1) for e in env_list)
+    env.setdefault("HOME", home)
+    return env
+
+
+class User:
+    def __init__(self, uid: int, gid: int, groups: list[int], home: str) -> None:
+        self.uid, self.gid, self.groups, self.home = uid, gid, groups, home
+
+
+def _read_db(path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(proc: dict[str, Any], etc: str = "/etc") -> User:
+    """uid, gid, groups and HOME of the process, from the container's /etc/passwd and /etc/group."""
+    passwd = [p for p in _read_db(f"{etc}/passwd") if len(p) >= 7]
+    groups = [g for g in _read_db(f"{etc}/group") if len(g) >= 4]
+    uid, gid, extra = proc["uid"], proc["gid"], list(proc["additional_gids"])
+    name = None
+    if proc["user"]:
+        user_part, _, group_part = proc["user"].partition(":")
+        entry = _lookup(passwd, user_part, 2)
+        if entry is None and not user_part.isdigit():
+            raise SetupError(f"user {user_part!r}: not found in /etc/passwd")
+        uid = int(entry[2]) if entry else int(user_part)
+        gid = int(entry[3]) if entry else 0
+        if entry:
+            name = entry[0]
+        if group_part:
+            g = _lookup(groups, group_part, 2)
+            if g is None and not group_part.isdigit():
+                raise SetupError(f"group {group_part!r}: not found in /etc/group")
+            gid = int(g[2]) if g else int(group_part)
+        elif name:
+            extra += [int(g[2]) for g in groups if name in g[3].split(",")]
+    home = next((p[5] for p in passwd if p[2] == str(uid)), "/")
+    return User(uid, gid, extra, home)
+
+
+def _lookup(db: list[list[str]], key: str, id_field: int) -> list[str] | None:
+    for entry in db:
+        if entry[0] == key or (key.isdigit() and entry[id_field] == key):
+            return entry
+    return None
+
+
+def _become(user: User, proc: dict[str, Any]) -> None:
+    caps = proc["caps"] if proc["caps_given"] else None
+    if caps is not None:
+        for cap in range(linux.cap_last_cap() + 1):
+            if not caps["bounding"] >> cap & 1:
+                _step("drop bounding capability", linux.prctl, linux.PR_CAPBSET_DROP, cap)
+        linux.prctl(linux.PR_SET_KEEPCAPS, 1)
+    _step("setgroups", os.setgroups, user.groups)
+    _step("setgid", os.setgid, user.gid)
+    _step("setuid", os.setuid, user.uid)
+    if caps is None:
+        return
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+    _step("capset", linux.capset, caps["effective"], caps["permitted"], caps["inheritable"])
+    for cap in range(64):
+        if caps["ambient"] >> cap & 1:
+            try:  # as runc: a cap not in the inheritable set cannot be ambient; warn-free skip
+                linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, cap)
+            except OSError:
+                pass
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

@@ -1,0 +1,298 @@
+"""Containers and their processes: the Runtime API the RPC handlers (and other areas) use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.oci import ContainerConfig, ProcessConfig
+from agent.runtime import spawner as spawner_mod
+from agent.runtime.reaper import REAPER, exit_code
+from agent.stdio import Stdio
+from agent.undo import UndoStack
+
+log = logging.getLogger(__name__)
+
+try:
+    from agent.runtime import cgroups as cgroups_mod
+except ModuleNotFoundError as exc:  # written by another area; optional until it lands
+    if exc.name != "agent.runtime.cgroups":
+        raise
+    cgroups_mod = None
+
+KILL_WAIT = 10.0
+
+
+@dataclass
+class Process:
+    exec_id: str
+    pid: int
+    stdio: Stdio
+    exited: asyncio.Future  # raw wait status
+    exit_status: int | None = None
+
+    def __post_init__(self) -> None:
+        self.exited.add_done_callback(self._record)
+
+    def _record(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled():
+            self.exit_status = exit_code(fut.result())
+
+    @property
+    def running(self) -> bool:
+        return self.exit_status is None
+
+    async def wait(self) -> int:
+        await asyncio.shield(self.exited)
+        assert self.exit_status is not None
+        return self.exit_status
+
+
+@dataclass
+class Container:
+    id: str
+    config: ContainerConfig
+    init: Process
+    cgroup: Any = None
+    sync: socket.socket | None = None  # to the init until it is started
+    started: bool = False
+    paused: bool = False
+    processes: dict[str, Process] = field(default_factory=dict)
+    cleanup: list = field(default_factory=list)  # undo actions of CreateContainer, run at removal
+
+    @property
+    def init_pid(self) -> int:
+        return self.init.pid
+
+    @property
+    def status(self) -> str:
+        if not self.init.running:
+            return "stopped"
+        if self.paused:
+            return "paused"
+        return "running" if self.started else "created"
+
+    def process(self, exec_id: str) -> Process:
+        """The init for an empty ``exec_id`` (or the container id), else an exec'd process."""
+        if not exec_id or exec_id == self.id:
+            return self.init
+        proc = self.processes.get(exec_id)
+        if proc is None:
+            raise NotFound(f"process {exec_id} not found in container {self.id}")
+        return proc
+
+
+class Runtime:
+    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run") -> None:
+        self.spawner = spawner
+        self.run_dir = run_dir
+        self.containers: dict[str, Container] = {}
+        self._reserved: set[str] = set()
+        detect = getattr(cgroups_mod, "detect", None)  # None while that module is being written
+        self.cgroups = detect() if detect is not None else None
+
+    # --- lookup ---
+    def get(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise NotFound(f"container {cid} not found")
+        return c
+
+    def ids(self) -> list[str]:
+        return list(self.containers)
+
+    @contextlib.contextmanager
+    def reserve(self, cid: str) -> Iterator[None]:
+        """Hold ``cid`` while it is being created, so a concurrent create of it fails."""
+        if cid in self.containers or cid in self._reserved:
+            raise AlreadyExists(f"container {cid} already exists")
+        self._reserved.add(cid)
+        try:
+            yield
+        finally:
+            self._reserved.discard(cid)
+
+    # --- create / start ---
+    async def create(self, cfg: ContainerConfig, resources: Any = None) -> Container:
+        """Create the container: its init waits in its namespaces and rootfs for ``start``.
+
+        Either it is created and registered, or everything it did is undone.
+        """
+        async with UndoStack() as undo:
+            cg = self._create_cgroup(cfg, resources, undo)
+            procs = cg.procs_files() if cg is not None else []
+            stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
+            undo.push("close stdio", stdio.close)
+            req = {"op": "create", "config": dataclasses.asdict(cfg), "procs": procs}
+            try:
+                sync = self.spawner.request(req, child_fds)
+            finally:
+                for fd in set(child_fds):
+                    os.close(fd)
+            undo.push("close the sync socket", sync.close)
+            pid = await self._pid(sync, "create")
+            init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
+            undo.push("kill the init", lambda: self._kill_and_reap(init))
+            reply = await spawner_mod.receive(sync)
+            if reply is None or "error" in reply:
+                raise self._setup_error(reply, init)
+            c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync)
+            self.containers[cfg.id] = c
+            undo.commit()  # from here on, remove() takes it all back
+        return c
+
+    def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
+        if self.cgroups is None:
+            return None
+        path = cfg.cgroups_path or f"kata-agent/{cfg.id}"
+        cg = self.cgroups.create(path, resources, owner=cfg.id)
+        undo.push("remove the cgroup", cg.destroy)
+        return cg
+
+    @staticmethod
+    async def _pid(sync: socket.socket, what: str) -> int:
+        try:
+            return await spawner_mod.receive_pid(sync)
+        except spawner_mod.SpawnError as exc:
+            raise _classify(what, str(exc)) from None
+
+    @staticmethod
+    def _setup_error(reply: dict | None, proc: Process) -> Exception:
+        if reply is None:
+            return Internal(f"container init (pid {proc.pid}) exited during set-up")
+        return _classify("create", reply["error"])
+
+    async def start(self, cid: str) -> None:
+        c = self.get(cid)
+        if c.started or c.sync is None:
+            raise FailedPrecondition(f"container {cid} already started")
+        if not c.init.running:
+            raise FailedPrecondition(f"container {cid} is stopped")
+        sync, c.sync = c.sync, None
+        c.started = True
+        with sync:
+            sync.send(b"start")
+            reply = await spawner_mod.receive(sync)
+        if reply is not None:
+            raise _classify("start", reply.get("error", "unexpected reply"))
+
+    # --- exec ---
+    async def exec(self, cid: str, exec_id: str, proc_cfg: ProcessConfig) -> Process:
+        c = self.get(cid)
+        if exec_id == cid or exec_id in c.processes:
+            raise AlreadyExists(f"process {exec_id} already exists in container {cid}")
+        if not c.init.running:
+            raise FailedPrecondition(f"container {cid} is stopped")
+        if not c.started:
+            raise FailedPrecondition(f"container {cid} is not started")
+        stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
+        procs = c.cgroup.procs_files() if c.cgroup is not None else []
+        req = {"op": "exec", "init_pid": c.init_pid, "process": dataclasses.asdict(proc_cfg), "procs": procs}
+        async with UndoStack() as undo:
+            undo.push("close stdio", stdio.close)
+            try:
+                sync = self.spawner.request(req, child_fds)
+            finally:
+                for fd in set(child_fds):
+                    os.close(fd)
+            with sync:
+                pid = await self._pid(sync, "exec")
+                proc = Process(exec_id, pid, stdio, REAPER.wait(pid))
+                undo.push("kill the process", lambda: self._kill_and_reap(proc))
+                reply = await spawner_mod.receive(sync)
+            if reply is not None:
+                raise _classify("exec", reply.get("error", "unexpected reply"))
+            c.processes[exec_id] = proc
+            undo.commit()
+        return proc
+
+    # --- wait / signal ---
+    async def wait(self, cid: str, exec_id: str) -> int:
+        return await self.get(cid).process(exec_id).wait()
+
+    def signal(self, cid: str, exec_id: str, sig: int) -> None:
+        c = self.get(cid)
+        proc = c.process(exec_id)
+        if proc is c.init and sig == signal.SIGKILL:
+            self._kill_all(c)
+            return
+        if not proc.running:
+            return  # as runc kill of a dead process is harmless here
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _kill_all(self, c: Container) -> None:
+        pids = set(c.cgroup.pids()) if c.cgroup is not None else set()
+        pids |= {p.pid for p in (c.init, *c.processes.values()) if p.running}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def _kill_and_reap(self, proc: Process, timeout: float = KILL_WAIT) -> None:
+        if proc.running:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
+        except asyncio.TimeoutError:
+            log.warning("process not reaped", extra={"fields": {"pid": proc.pid}})
+
+    # --- remove ---
+    async def remove(self, cid: str, timeout: float = 0) -> None:
+        c = self.get(cid)
+        if timeout and c.init.running:
+            try:
+                os.kill(c.init.pid, signal.SIGTERM)
+                await asyncio.wait_for(asyncio.shield(c.init.exited), timeout)
+            except (ProcessLookupError, asyncio.TimeoutError):
+                pass
+        if c.paused and c.cgroup is not None and hasattr(c.cgroup, "thaw"):
+            c.cgroup.thaw()
+        self._kill_all(c)
+        for proc in (c.init, *c.processes.values()):
+            await self._kill_and_reap(proc)
+        for proc in (c.init, *c.processes.values()):
+            proc.stdio.close()
+        if c.sync is not None:
+            c.sync.close()
+        if c.cgroup is not None:
+            c.cgroup.destroy()
+        self.containers.pop(cid, None)
+        undo = UndoStack()
+        for what, action in c.cleanup:
+            undo.push(what, action)
+        await undo.rollback()
+        log.info("container removed", extra={"fields": {"container_id": cid}})
+
+    async def remove_all(self) -> None:
+        for cid in list(self.containers):
+            try:
+                await self.remove(cid)
+            except Exception:  # noqa: BLE001 - remove the others too
+                log.exception("remove failed", extra={"fields": {"container_id": cid}})
+
+
+def _classify(what: str, message: str) -> Exception:
+    """A child's report as a status: missing files and bad users are the caller's fault."""
+    text = f"{what}: {message}"
+    lowered = message.lower()
+    if "no such file" in lowered or "not found" in lowered or "permission denied" in lowered:
+        return FailedPrecondition(text)
+    if "invalid argument" in lowered:
+        return InvalidArgument(text)
+    return Internal(text)

@@ -1,0 +1,175 @@
+"""The spawner: a single-threaded process, forked before grpc exists, that forks every container.
+
+``start_spawner(cfg)`` (called by agent.__main__ while the agent is still single-threaded) forks
+it. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
+first fd being the child's end of a fresh per-request ``sync`` socketpair. The spawner forks an
+intermediate child that does the work (agent.runtime.child) and reports on ``sync``; the spawner
+itself never answers, so the agent side needs no request ids.
+
+Other areas run code in a forked child with ``await agent.spawner.run_task(name, args, fds)``;
+the function is registered with ``@task("name")`` in a module listed in TASK_MODULES.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from agent import linux
+
+TASK_MODULES = ("agent.sandbox_tasks",)
+TASKS: dict[str, Callable[[dict, list[int], Callable[[dict], None]], Any]] = {}
+MAX_MESSAGE = 1 << 18
+MAX_FDS = 16
+
+
+class SpawnError(Exception):
+    """The spawner or its child failed; the message is the child's own report."""
+
+
+def task(name: str):
+    def register(fn):
+        if name in TASKS:
+            raise RuntimeError(f"spawner task {name} registered twice")
+        TASKS[name] = fn
+        return fn
+
+    return register
+
+
+def _import_tasks() -> None:
+    for name in TASK_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+# --- the spawner process ------------------------------------------------------------------------
+
+def _serve(sock: socket.socket) -> None:
+    from agent.runtime import child
+
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+        except InterruptedError:
+            continue
+        if not msg:
+            os._exit(0)  # the agent is gone
+        _handle(child, sock, json.loads(msg), fds)
+
+
+def _handle(child, sock: socket.socket, req: dict[str, Any], fds: list[int]) -> None:
+    sync = socket.socket(fileno=fds[0])
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        child.send(sync, {"error": f"fork: {exc.strerror}"})
+        pid = -1
+    if pid == 0:
+        sock.close()
+        _child(child, req, sync, fds[1:])
+    sync.close()
+    for fd in fds[1:]:
+        os.close(fd)
+    if pid > 0:
+        os.waitpid(pid, 0)  # the intermediate exits as soon as it has forked
+
+
+def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> None:
+    try:
+        op = req["op"]
+        if op == "create":
+            child.spawn_container(req["config"], sync, fds, req["procs"])
+        elif op == "exec":
+            child.spawn_exec(req, sync, fds, req["procs"])
+        elif op == "task":
+            fn = TASKS.get(req["name"])
+            if fn is None:
+                child.fail(sync, f"no spawner task {req['name']!r}")
+            child.spawn_task(fn, req["args"], sync, fds)
+        child.fail(sync, f"unknown spawner request {op!r}")
+    except BaseException as exc:  # noqa: BLE001 - never return into the spawner's loop
+        child.fail(sync, f"{type(exc).__name__}: {exc}")
+
+
+def start_spawner(cfg: Any = None) -> "Spawner":
+    """Fork the spawner. Call while this process is single-threaded and has not imported grpc."""
+    _import_tasks()
+    from agent.runtime import child  # noqa: F401 - imported once here, not in every fork
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        try:
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _serve(theirs)
+        finally:
+            os._exit(1)
+    theirs.close()
+    return Spawner(pid, ours)
+
+
+# --- the agent side -----------------------------------------------------------------------------
+
+class Spawner:
+    """The agent's handle on the spawner process (all methods run in the event loop)."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> socket.socket:
+        """Send ``req`` with ``fds``; returns the agent's end of the request's sync socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self.sock, [json.dumps(req).encode()], [theirs.fileno(), *fds])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return ours
+
+    async def run_task(self, name: str, args: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> dict:
+        """Run task ``name`` in a double-forked child; its first reply, plus ``"pid"``."""
+        sync = self.request({"op": "task", "name": name, "args": args}, fds)
+        with sync:
+            pid = await receive_pid(sync)
+            reply = await receive(sync)
+        if reply is None:
+            raise SpawnError(f"task {name}: exited without a reply")
+        if "error" in reply:
+            raise SpawnError(f"task {name}: {reply['error']}")
+        return {**reply, "pid": pid}
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def receive(sync: socket.socket) -> dict[str, Any] | None:
+    """The next JSON message on a sync socket, or None at EOF."""
+    import asyncio
+
+    data = await asyncio.get_running_loop().sock_recv(sync, MAX_MESSAGE)
+    return json.loads(data) if data else None
+
+
+async def receive_pid(sync: socket.socket) -> int:
+    msg = await receive(sync)
+    if msg is None:
+        raise SpawnError("the spawner's child exited without reporting")
+    if "error" in msg:
+        raise SpawnError(msg["error"])
+    return int(msg["pid"])
