@@ -26,6 +26,8 @@ class Agent:
     sandbox: Any = None
     # NETLINK_KOBJECT_UEVENT listener (agent.devices).
     uevents: Any = None
+    # The netlink worker for interfaces, routes and neighbours (agent.network.Netlink).
+    network: Any = None
     # Allow/deny decisions before every RPC (agent.policy); None allows everything.
     policy: Any = None
     # Prometheus registry and RPC instruments (agent.metrics).

@@ -1,0 +1,61 @@
+"""Network RPCs: interfaces, routes, ARP neighbours and iptables (domain in agent.network)."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+
+from agent import network
+from agent.context import Agent
+from agent.errors import InvalidArgument
+from agent.protocols import agent_pb2
+from agent.rpc import rpc
+
+
+async def setup(agent: Agent) -> None:
+    agent.network = network.Netlink()
+
+
+async def teardown(agent: Agent) -> None:
+    if agent.network is not None:
+        await agent.network.close()
+        agent.network = None
+
+
+@rpc("UpdateInterface")
+async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceRequest, context):
+    if not request.HasField("interface"):
+        raise InvalidArgument("interface: required")
+    return await network.update_interface(agent.network, request.interface,
+                                          timeout=agent.config.hotplug_timeout)
+
+
+@rpc("UpdateRoutes")
+async def update_routes(agent: Agent, request: agent_pb2.UpdateRoutesRequest, context):
+    routes = await network.update_routes(agent.network, list(request.routes.Routes))
+    return agent_pb2.Routes(Routes=routes)
+
+
+@rpc("ListInterfaces")
+async def list_interfaces(agent: Agent, request, context):
+    return agent_pb2.Interfaces(Interfaces=await network.list_interfaces(agent.network))
+
+
+@rpc("ListRoutes")
+async def list_routes(agent: Agent, request, context):
+    return agent_pb2.Routes(Routes=await network.list_routes(agent.network))
+
+
+@rpc("AddARPNeighbors")
+async def add_arp_neighbors(agent: Agent, request: agent_pb2.AddARPNeighborsRequest, context):
+    await network.add_arp_neighbors(agent.network, list(request.neighbors.ARPNeighbors))
+    return empty_pb2.Empty()
+
+
+@rpc("GetIPTables")
+async def get_iptables(agent: Agent, request: agent_pb2.GetIPTablesRequest, context):
+    return agent_pb2.GetIPTablesResponse(data=await network.get_iptables(request.is_ipv6))
+
+
+@rpc("SetIPTables")
+async def set_iptables(agent: Agent, request: agent_pb2.SetIPTablesRequest, context):
+    return agent_pb2.SetIPTablesResponse(data=await network.set_iptables(request.is_ipv6, request.data))
