@@ -436,17 +436,29 @@ def start_debug_console(cmdline: dict[str, str]) -> list[int]:
 # --------------------------------------------------------------------------- entry points
 
 
+def _merge_cmdline(full: dict[str, str], given: dict[str, str]) -> dict[str, str]:
+    """The full kernel command line plus the caller's keys. agent/config.py hands over only the
+    ``agent.*`` keys with the prefix stripped (``debug_console``): put the prefix back."""
+    out = dict(full)
+    for key, value in given.items():
+        if not key.startswith("agent.") and key not in full:
+            key = f"agent.{key}"
+        out.setdefault(key, value)
+    return out
+
+
 def pid1_setup(cmdline: dict[str, str] | None = None) -> None:
-    """Everything PID 1 must do before the agent serves. Safe to call twice."""
+    """Everything PID 1 must do before the agent serves. Safe to call twice.
+
+    ``cmdline`` may be the full kernel command line (read_cmdline()) or agent/config.py's
+    ``agent.*`` keys without the prefix; /proc/cmdline is read here either way, once /proc is up.
+    """
     t0 = time.monotonic()
-    if cmdline is None:
-        cmdline = read_cmdline()
     os.environ.setdefault("PATH", DEFAULT_PATH)
     os.environ.setdefault("HOME", "/root")
     os.umask(0o022)
     mount_basics()
-    if not cmdline:
-        cmdline = read_cmdline()
+    cmdline = _merge_cmdline(read_cmdline(), cmdline or {})
     t1 = time.monotonic()
     extra = [m for m in cmdline.get("agent.modules", "").split(",") if m]
     failed = load_modules(list(BOOT_MODULES) + extra)
