@@ -66,6 +66,14 @@ def test_swap_on_einval_retries_after_the_next_write(tmp_path, monkeypatch):
     assert order == [("b", "2"), ("a", "1")]
 
 
+def test_swap_on_einval_pair_in_order_when_both_succeed(tmp_path):
+    fake(tmp_path, a="", b="", c="")
+    plan = Plan([Write("m", (("a", "1"),), "A", swap_on_einval=True), Write("m", (("b", "2"),), "B"),
+                 Write("m", (("c", "3"),), "C")])
+    applymod.apply(plan, lambda c: str(tmp_path), "p")
+    assert [(tmp_path / n).read_text() for n in "abc"] == ["1", "2", "3"]
+
+
 @pytest.mark.parametrize("err, text", [(errno.EBUSY, "below the current usage"),
                                        (errno.EINVAL, "rejected by the kernel")])
 def test_kernel_refusal_names_field_and_undo_restores(tmp_path, monkeypatch, err, text):
@@ -168,3 +176,17 @@ def test_oom_watcher_v2_counts_oom_kill_increases(tmp_path):
 
 def test_oom_watcher_without_loop_does_not_watch(tmp_path):
     assert oom.OomWatcher().watch(str(tmp_path), 2, "x") is None
+
+
+def test_parse_net_dev_skips_lo():
+    from agent.rpc.resources import parse_net_dev
+
+    text = ("Inter-|   Receive                            |  Transmit\n"
+            " face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop"
+            " fifo colls carrier compressed\n"
+            "    lo: 100 2 0 0 0 0 0 0 100 2 0 0 0 0 0 0\n"
+            "  eth0: 1500 10 1 2 0 0 0 0 900 7 3 4 0 0 0 0\n")
+    [eth0] = parse_net_dev(text)
+    assert (eth0.name, eth0.rx_bytes, eth0.rx_packets, eth0.rx_errors, eth0.rx_dropped) == (
+        "eth0", 1500, 10, 1, 2)
+    assert (eth0.tx_bytes, eth0.tx_packets, eth0.tx_errors, eth0.tx_dropped) == (900, 7, 3, 4)

@@ -103,7 +103,8 @@ def apply(plan: Plan, dir_of: Callable[[str], str], prefix: str, undo: Undo | No
             except InvalidArgument:
                 _write_one(writes[i + 1], dir_of, prefix, undo)
                 _write_one(w, dir_of, prefix, undo)
-            i += 2
-            continue
-        _write_one(w, dir_of, prefix, undo)
+                i += 2
+                continue
+        else:
+            _write_one(w, dir_of, prefix, undo)
         i += 1

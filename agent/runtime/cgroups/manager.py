@@ -247,26 +247,28 @@ class Cgroup:
             return state == ("FROZEN" if frozen else "THAWED")
         return self.is_frozen() == frozen
 
-    async def _transition(self, frozen: bool, timeout: float) -> None:
+    async def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
+        """Freeze every process; waits (in the loop) until the kernel reports the cgroup frozen.
+        On timeout the cgroup is thawed again and DeadlineExceeded raised."""
         deadline = time.monotonic() + timeout
         delay = 0.001
-        self._set_frozen(frozen)
-        while not self._settled(frozen):
+        self._set_frozen(True)
+        while not self._settled(True):
             if time.monotonic() >= deadline:
-                if frozen:
-                    self._set_frozen(False)
-                what = "frozen" if frozen else "thawed"
-                raise DeadlineExceeded(f"cgroup {self.path}: not {what} after {timeout:g} s")
+                self._set_frozen(False)
+                raise DeadlineExceeded(f"cgroup {self.path}: not frozen after {timeout:g} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
-            if frozen:
-                self._set_frozen(True)  # v1: FREEZING may need another nudge
+            self._set_frozen(True)  # v1: a FREEZING cgroup may need another nudge
 
-    async def freeze(self, timeout: float = FREEZE_TIMEOUT) -> None:
-        await self._transition(True, timeout)
-
-    async def thaw(self, timeout: float = FREEZE_TIMEOUT) -> None:
-        await self._transition(False, timeout)
+    def thaw(self, timeout: float = 1.0) -> None:
+        """Thaw; synchronous, since the kernel thaws at once (callers may be in cleanup paths)."""
+        deadline = time.monotonic() + timeout
+        self._set_frozen(False)
+        while not self._settled(False):
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"cgroup {self.path}: not thawed after {timeout:g} s")
+            time.sleep(0.001)
 
     def kill_all(self, sig: int = signal.SIGKILL) -> int:
         """Signal every process in the cgroup (thawing it so they can act); the count signalled."""
