@@ -227,6 +227,7 @@ EOF
   find "$tree" -name __pycache__ -prune -exec rm -rf {} +
   # ld.so.cache speeds up every dynamic link; the host ldconfig handles the same arch only.
   if [ "$ARCH" = "$(uname -m)" ]; then ldconfig -r "$tree" 2>/dev/null || true; fi
+  rm -rf "$tree/var/cache/ldconfig"   # aux-cache holds inode numbers and ctimes: not reproducible
 
   step "precompile .pyc (clean env, unchecked-hash: no source stat per import, reproducible)"
   env -i PYTHONHASHSEED=0 SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" PATH=/usr/bin:/bin "$HOSTPY" \
