@@ -35,6 +35,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ def parse(text: str, source: str = "policy") -> Policy:
 
 def load_source(value: str) -> tuple[str, str]:
     """The policy text for a boot setting: a file path, or the document in base64."""
-    if value.startswith("/"):
+    if value.startswith("/") or os.path.exists(value):
         with open(value, encoding="utf-8") as f:
             return f.read(MAX_DOCUMENT + 1), value
     try:
