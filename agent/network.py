@@ -387,18 +387,9 @@ def _managed(r: RouteSpec) -> bool:
 def _route(ipr: IPRoute, command: str, r: RouteSpec) -> None:
     attrs: dict[str, Any] = {"family": r.family, "dst_len": r.dst_len, "table": RT_TABLE_MAIN,
                              "scope": r.scope, "proto": r.proto, "type": RTN_UNICAST}
-    if r.dst:
-        attrs["dst"] = r.dst
-    if r.gateway:
-        attrs["gateway"] = r.gateway
-    if r.oif:
-        attrs["oif"] = r.oif
-    if r.prefsrc:
-        attrs["prefsrc"] = r.prefsrc
-    if r.flags:
-        attrs["flags"] = r.flags
-    if r.priority:
-        attrs["priority"] = r.priority
+    optional = {"dst": r.dst, "gateway": r.gateway, "oif": r.oif, "prefsrc": r.prefsrc, "flags": r.flags,
+                "priority": r.priority}
+    attrs.update({k: v for k, v in optional.items() if v})
     if r.mtu:
         attrs["metrics"] = {"mtu": r.mtu}
     ipr.route(command, **attrs)

@@ -60,14 +60,18 @@ def format_route(r: dict) -> str:
     return " ".join(words)
 
 
-def ip_list(args, client) -> int:
-    reply = _reply_json(client.call("ListInterfaces"))
+def _print_list(args, client, method: str, key: str, fmt) -> int:
+    reply = _reply_json(client.call(method))
     if args.json:
         print(json.dumps(reply, indent=2))
     else:
-        for i in reply.get("Interfaces", []):
-            print(format_interface(i))
+        for item in reply.get(key, []):
+            print(fmt(item))
     return 0
+
+
+def ip_list(args, client) -> int:
+    return _print_list(args, client, "ListInterfaces", "Interfaces", format_interface)
 
 
 def ip_update(args, client) -> int:
@@ -78,13 +82,7 @@ def ip_update(args, client) -> int:
 
 
 def route_list(args, client) -> int:
-    reply = _reply_json(client.call("ListRoutes"))
-    if args.json:
-        print(json.dumps(reply, indent=2))
-    else:
-        for r in reply.get("Routes", []):
-            print(format_route(r))
-    return 0
+    return _print_list(args, client, "ListRoutes", "Routes", format_route)
 
 
 def route_update(args, client) -> int:
