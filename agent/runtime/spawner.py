@@ -67,6 +67,7 @@ def _serve(sock: socket.socket) -> None:
 
 
 def _handle(child, sock: socket.socket, req: dict[str, Any], fds: list[int]) -> None:
+    os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
     sync = socket.socket(fileno=fds[0])
     try:
         pid = os.fork()

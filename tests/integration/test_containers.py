@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import pathlib
 
@@ -40,12 +41,16 @@ def read_all(agent, cid, stream="ReadStdout", exec_id=""):
         out += data
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def run(agent, cid, cfg, stdin: bytes | None = None):
     """Create, start, wait, read everything, remove: (status, stdout, stderr)."""
     create(agent, cid, cfg)
     agent.client.call("StartContainer", {"container_id": cid})
     if stdin is not None:
-        agent.client.call("WriteStdin", {"container_id": cid, "data": stdin})
+        agent.client.call("WriteStdin", {"container_id": cid, "data": b64(stdin)})
         agent.client.call("CloseStdin", {"container_id": cid})
     status = agent.client.call("WaitProcess", {"container_id": cid}).status
     out, err = read_all(agent, cid), read_all(agent, cid, "ReadStderr")
@@ -66,3 +71,181 @@ def test_pid1_and_hostname(agent, busybox_rootfs, container_id):
     status, out, _ = sh(agent, container_id, busybox_rootfs, "echo $$; hostname", hostname="box1")
     assert status == 0
     assert out.split() == ["1", "box1"]
+
+
+def test_user_groups_caps_nnp_rlimits(agent, busybox_rootfs, container_id):
+    cfg = make_spec(busybox_rootfs, ["sh", "-c",
+                    "id -u; id -g; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; ulimit -n"])
+    cfg["process"]["user"] = {"uid": 1000, "gid": 100, "additionalGids": [2000]}
+    cfg["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 512, "soft": 256}]
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    lines = out.split("\n")
+    assert lines[:3] == ["1000", "100", "100 2000"]
+    # KILL, NET_BIND_SERVICE, AUDIT_WRITE bound; not inheritable, so none survive exec as uid 1000
+    assert "CapEff:\t0000000000000000" in lines
+    assert "CapBnd:\t0000000020000420" in lines
+    assert "NoNewPrivs:\t1" in lines
+    assert lines[6] == "256"
+
+
+def test_env_home_cwd_and_string_user(agent, busybox_rootfs, container_id):
+    cfg = make_spec(busybox_rootfs, ["sh", "-c", "echo $HOME; pwd; echo $FOO; id -un; grep CapEff /proc/self/status"])
+    cfg["process"]["env"] = ["PATH=/bin:/usr/bin", "FOO=bar baz"]
+    cfg["process"]["cwd"] = "/tmp"
+    cfg["process"]["capabilities"]["inheritable"] = cfg["process"]["capabilities"]["bounding"]
+    create(agent, container_id, cfg, string_user={"uid": "user"})
+    agent.client.call("StartContainer", {"container_id": container_id})
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 0
+    assert read_all(agent, container_id).decode().split("\n")[:5] == ["/home/user", "/tmp", "bar baz", "user",
+                                                                     "CapEff:\t0000000020000420"]
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_masked_readonly_paths_and_readonly_root(agent, busybox_rootfs, container_id):
+    script = ("cat /proc/kcore | wc -c; ls /sys/firmware | wc -l; echo 1 > /proc/sys/kernel/domainname || echo ro-ok; "
+              "touch /x || echo root-ro; touch /dev/shm/x && echo shm-rw")
+    status, out, err = sh(agent, container_id, busybox_rootfs, script, readonly=True)
+    assert out.split() == ["0", "0", "ro-ok", "root-ro", "shm-rw"], err
+
+
+def test_bind_mount_and_dev(agent, busybox_rootfs, container_id, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "f").write_text("hello\n")
+    cfg = make_spec(busybox_rootfs, ["sh", "-c", "cat /mnt/data/f; touch /mnt/data/g || echo ro; ls /dev | sort | tr '\\n' ' '; echo; "
+                                     "readlink /dev/ptmx; readlink /dev/fd; echo x > /dev/null && echo null-ok"])
+    cfg["mounts"].append({"destination": "/mnt/data", "type": "bind", "source": str(tmp_path / "data"),
+                          "options": ["rbind", "ro"]})
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    lines = out.split("\n")
+    assert lines[:2] == ["hello", "ro"]
+    for name in ("null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue",
+                 "fd", "stdin", "stdout", "stderr"):
+        assert name in lines[2].split(), lines[2]
+    assert lines[3:6] == ["pts/ptmx", "/proc/self/fd", "null-ok"]
+    assert not (tmp_path / "data" / "g").exists()
+
+
+def test_mount_destination_cannot_escape_through_symlink(agent, busybox_rootfs, container_id, tmp_path):
+    rootfs = tmp_path / "rootfs"
+    from tests.integration.conftest import make_busybox_rootfs
+
+    make_busybox_rootfs(rootfs)
+    (rootfs / "escape").symlink_to("../../../../../../..")
+    cfg = make_spec(rootfs, ["sh", "-c", "ls /escape/target"])
+    cfg["mounts"].append({"destination": "/escape/target", "type": "tmpfs", "source": "tmpfs"})
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    assert (rootfs / "target").is_dir()  # created inside the rootfs, not at the host's /target
+    assert not pathlib.Path("/target").exists()
+
+
+def test_kill_gives_137_and_signal_to_stopped_is_harmless(agent, busybox_rootfs, container_id):
+    create(agent, container_id, make_spec(busybox_rootfs, ["sleep", "100"]))
+    agent.client.call("StartContainer", {"container_id": container_id})
+    agent.client.call("SignalProcess", {"container_id": container_id, "signal": 9})
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 137
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 137
+    agent.client.call("SignalProcess", {"container_id": container_id, "signal": 15})
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_stdin_roundtrip(agent, busybox_rootfs, container_id):
+    status, out, err = run(agent, container_id, make_spec(busybox_rootfs, ["sh", "-c", "tr a-z A-Z; echo e >&2"]),
+                           stdin=b"hello\n")
+    assert (status, out, err) == (0, "HELLO\n", "e\n")
+
+
+def test_background_child_holding_stdout_does_not_hang_wait(agent, busybox_rootfs, container_id):
+    create(agent, container_id, make_spec(busybox_rootfs, ["sh", "-c", "sleep 100 & echo started"]))
+    agent.client.call("StartContainer", {"container_id": container_id})
+    assert agent.client.call("WaitProcess", {"container_id": container_id}, timeout=10).status == 0
+    assert agent.client.call("ReadStdout", {"container_id": container_id, "len": 100}).data == b"started\n"
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_tty_and_resize(agent, busybox_rootfs, container_id):
+    cfg = make_spec(busybox_rootfs, ["sh", "-c", "[ -t 0 ] && echo tty; read x; stty size"])
+    cfg["process"]["terminal"] = True
+    create(agent, container_id, cfg)
+    agent.client.call("StartContainer", {"container_id": container_id})
+    agent.client.call("TtyWinResize", {"container_id": container_id, "row": 33, "column": 77})
+    agent.client.call("WriteStdin", {"container_id": container_id, "data": b64(b"go\n")})
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 0
+    out = read_all(agent, container_id).decode()
+    assert "tty" in out and "33 77" in out, out
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_exec_joins_pid_namespace_and_has_own_user(agent, busybox_rootfs, container_id):
+    create(agent, container_id, make_spec(busybox_rootfs, ["sleep", "100"], hostname="h1"))
+    agent.client.call("StartContainer", {"container_id": container_id})
+    proc = {"Args": ["sh", "-c", "ps -o pid,comm | grep -c sleep; hostname; id -u; pwd"], "Cwd": "/tmp",
+            "Env": ["PATH=/bin"], "User": {"UID": 1000, "GID": 1000}}
+    agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+    assert agent.client.call("WaitProcess", {"container_id": container_id, "exec_id": "e1"}).status == 0
+    assert read_all(agent, container_id, exec_id="e1").decode().split() == ["1", "h1", "1000", "/tmp"]
+    with pytest.raises(grpc.RpcError) as e:
+        agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    agent.client.call("SignalProcess", {"container_id": container_id, "signal": 9})
+    agent.client.call("WaitProcess", {"container_id": container_id})
+    with pytest.raises(grpc.RpcError) as e:
+        agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e2", "process": proc})
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def _code(agent, method, req):
+    with pytest.raises(grpc.RpcError) as e:
+        agent.client.call(method, req)
+    return e.value.code(), e.value.details()
+
+
+def test_error_statuses(agent, busybox_rootfs, container_id):
+    for method in ("StartContainer", "WaitProcess", "RemoveContainer", "ReadStdout", "SignalProcess"):
+        assert _code(agent, method, {"container_id": "nope"})[0] == grpc.StatusCode.NOT_FOUND
+    cfg = make_spec(busybox_rootfs, ["true"])
+    bad = make_spec(busybox_rootfs, ["true"])
+    bad["mounts"][0]["destination"] = "proc"
+    code, msg = _code(agent, "CreateContainer", {"container_id": container_id, "OCI": _json(bad)})
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "OCI.Mounts[0].destination" in msg
+    create(agent, container_id, cfg)
+    code, _ = _code(agent, "CreateContainer", {"container_id": container_id, "OCI": _json(cfg)})
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+    missing = make_spec(busybox_rootfs, ["/no/such/binary"])
+    create(agent, container_id, missing)
+    code, msg = _code(agent, "StartContainer", {"container_id": container_id})
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "/no/such/binary" in msg
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 127
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def _mount_count(pid: int) -> int:
+    return len(pathlib.Path(f"/proc/{pid}/mountinfo").read_text().splitlines())
+
+
+def _agent_pid(agent) -> int:
+    """The python agent (the fixture's pid is unshare, which exec'd sh, which exec'd python)."""
+    return agent.pid
+
+
+def test_nothing_left_behind_and_id_reusable(agent, busybox_rootfs, container_id):
+    before_mounts = _mount_count(_agent_pid(agent))
+    children_before = set(os.listdir(f"/proc/{agent.pid}/task/{agent.pid}")) and _children(agent.pid)
+    bad = make_spec(busybox_rootfs, ["true"])
+    bad["mounts"].append({"destination": "/x", "type": "nosuchfs", "source": "none"})
+    code, msg = _code(agent, "CreateContainer", {"container_id": container_id, "OCI": _json(bad)})
+    assert code != grpc.StatusCode.OK and "/x" in msg
+    for _ in range(2):
+        status, out, _ = sh(agent, container_id, busybox_rootfs, "echo again")
+        assert (status, out) == (0, "again\n")
+    assert _mount_count(_agent_pid(agent)) == before_mounts
+    assert _children(agent.pid) == children_before
+
+
+def _children(pid: int) -> set[str]:
+    text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return set(text.split())
