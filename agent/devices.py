@@ -1,0 +1,256 @@
+"""Devices a container asks for: PCI rescan, waiting for the guest's device, spec rewrite.
+
+The host names a device by where it plugged it (a PCI path such as ``02/00``, a SCSI ``target:lun``,
+a ``/dev/...`` name); the guest kernel picks the node and its major:minor. We wait for the device
+(agent.uevent), then rewrite the container's ``linux.devices`` entry and the device cgroup rules
+that named the host's numbers to the guest's real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from agent.errors import DeadlineExceeded, InvalidArgument
+from agent.uevent import Uevent
+
+log = logging.getLogger(__name__)
+
+SYSFS = "/sys"
+DEV = "/dev"
+POLL_WITHOUT_UEVENTS = 0.05
+DEVICE_TYPES = ("blk", "mmioblk", "scsi", "nvdimm", "vfio-pci", "vfio")
+_PCI_SLOT = re.compile(r"[0-9a-fA-F]{2}")
+_SCSI_ADDR = re.compile(r"\d+:\d+")
+
+
+@dataclass(frozen=True)
+class Node:
+    """A device node the guest kernel made: ``/dev/<name>`` with its numbers."""
+
+    name: str
+    major: int
+    minor: int
+    kind: str = "b"  # "b" or "c"
+
+    @property
+    def path(self) -> str:
+        return os.path.join(DEV, self.name)
+
+
+def pci_rescan() -> bool:
+    """Ask the kernel to look for hot-plugged PCI devices; False where there is no PCI bus."""
+    path = os.path.join(SYSFS, "bus/pci/rescan")
+    if not os.path.exists(path):
+        return False
+    with open(path, "w") as f:
+        f.write("1")
+    return True
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def block_node(name: str) -> Node | None:
+    """``name`` as a block device with a medium (size > 0), or None if it is not there yet."""
+    base = os.path.join(SYSFS, "class/block", name)
+    try:
+        major, minor = _read(os.path.join(base, "dev")).split(":")
+        if int(_read(os.path.join(base, "size"))) == 0:
+            return None
+    except (OSError, ValueError):
+        return None
+    return Node(name, int(major), int(minor))
+
+
+def parse_pci_path(text: str, what: str) -> list[str]:
+    slots = text.split("/")
+    if not text or not all(_PCI_SLOT.fullmatch(s) for s in slots):
+        raise InvalidArgument(f"{what}: {text!r} is not a PCI path like '02/00'")
+    return [s.lower() for s in slots]
+
+
+def pci_devpath(slots: list[str]) -> str | None:
+    """The sysfs device path (``/devices/pci0000:00/0000:00:02.0/0000:01:00.0``) of a PCI path.
+
+    Bridges on the way must exist; the last device is named from its bus, so it may not exist yet.
+    """
+    path = "/devices/pci0000:00"
+    bus = "0000:00"
+    for i, slot in enumerate(slots):
+        path = f"{path}/{bus}:{slot}.0"
+        if i == len(slots) - 1:
+            return path
+        buses = sorted(glob.glob(os.path.join(SYSFS + path, "pci_bus", "*")))
+        if not buses:
+            return None
+        bus = os.path.basename(buses[0])
+    return path
+
+
+def _block_below(devpath_fragment: str, *, prefix: bool) -> Node | None:
+    for entry in sorted(glob.glob(os.path.join(SYSFS, "class/block", "*"))):
+        real = os.path.realpath(entry)[len(SYSFS):]
+        if os.path.exists(os.path.join(entry, "partition")):
+            continue
+        hit = real.startswith(devpath_fragment + "/") if prefix else devpath_fragment in real
+        if hit:
+            node = block_node(os.path.basename(entry))
+            if node is not None:
+                return node
+    return None
+
+
+async def wait(uevents, match, timeout: float, what: str):
+    """``match(event_or_None)`` truthy within ``timeout`` or DEADLINE_EXCEEDED naming ``what``."""
+    try:
+        if uevents is not None:
+            return await uevents.wait_for(match, timeout)
+        return await _poll(match, timeout)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise DeadlineExceeded(f"{what}: did not appear within {timeout:g} s") from None
+
+
+async def _poll(match, timeout: float):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        found = match(None)
+        if found:
+            return found
+        if loop.time() >= deadline:
+            raise TimeoutError
+        await asyncio.sleep(POLL_WITHOUT_UEVENTS)
+
+
+def _is_block(event: Uevent | None) -> bool:
+    return event is None or event.subsystem == "block"
+
+
+async def wait_block_by_name(uevents, dev_path: str, timeout: float, what: str) -> Node:
+    """A ``/dev/NAME`` block device (mmioblk, nvdimm, blk given a node path)."""
+    if not dev_path.startswith(DEV + "/") or dev_path.count("/") != 2:
+        raise InvalidArgument(f"{what}: {dev_path!r} is not a /dev/NAME block device")
+    name = os.path.basename(dev_path)
+
+    def match(event: Uevent | None) -> Node | None:
+        if event is not None and not (_is_block(event) and event.devname == name):
+            return None
+        return block_node(name)
+
+    return await wait(uevents, match, timeout, what)
+
+
+async def wait_block_by_pci(uevents, pci_path: str, timeout: float, what: str) -> Node:
+    slots = parse_pci_path(pci_path, what)
+    pci_rescan()
+
+    def match(event: Uevent | None) -> Node | None:
+        devpath = pci_devpath(slots)
+        if devpath is None or not _is_block(event):
+            return None
+        if event is not None and not event.devpath.startswith(devpath + "/"):
+            return None
+        return _block_below(devpath, prefix=True)
+
+    return await wait(uevents, match, timeout, what)
+
+
+def scsi_scan(target: str, lun: str) -> None:
+    for scan in glob.glob(os.path.join(SYSFS, "class/scsi_host/host*/scan")):
+        with open(scan, "w") as f:
+            f.write(f"0 {target} {lun}")
+
+
+async def wait_block_by_scsi(uevents, addr: str, timeout: float, what: str) -> Node:
+    if not _SCSI_ADDR.fullmatch(addr):
+        raise InvalidArgument(f"{what}: {addr!r} is not a SCSI address 'target:lun'")
+    target, lun = addr.split(":")
+    scsi_scan(target, lun)
+    fragment = f"/0:0:{target}:{lun}/block/"
+
+    def match(event: Uevent | None) -> Node | None:
+        if event is not None and not (_is_block(event) and fragment in event.devpath + "/"):
+            return None
+        return _block_below(fragment.rstrip("/"), prefix=False)
+
+    return await wait(uevents, match, timeout, what)
+
+
+async def wait_vfio(uevents, pci_path: str, timeout: float, what: str) -> Node:
+    """A VFIO device: the PCI function appears, then its IOMMU group's /dev/vfio/N node."""
+    slots = parse_pci_path(pci_path, what)
+    pci_rescan()
+
+    def match(event: Uevent | None) -> Node | None:
+        devpath = pci_devpath(slots)
+        if devpath is None:
+            return None
+        try:
+            group = os.path.basename(os.readlink(os.path.join(SYSFS + devpath, "iommu_group")))
+            st = os.stat(os.path.join(DEV, "vfio", group))
+        except OSError:
+            return None
+        return Node(f"vfio/{group}", os.major(st.st_rdev), os.minor(st.st_rdev), "c")
+
+    return await wait(uevents, match, timeout, what)
+
+
+async def wait_device(uevents, dtype: str, source: str, timeout: float, what: str) -> Node:
+    """Wait for a device of Kata type ``dtype`` named by ``source``."""
+    if dtype == "blk":
+        if source.startswith("/"):
+            return await wait_block_by_name(uevents, source, timeout, what)
+        return await wait_block_by_pci(uevents, source, timeout, what)
+    if dtype in ("mmioblk", "nvdimm"):
+        return await wait_block_by_name(uevents, source, timeout, what)
+    if dtype == "scsi":
+        return await wait_block_by_scsi(uevents, source, timeout, what)
+    if dtype in ("vfio-pci", "vfio"):
+        return await wait_vfio(uevents, source, timeout, what)
+    raise InvalidArgument(f"{what}.type: {dtype!r} is not one of {', '.join(DEVICE_TYPES)}")
+
+
+def rewrite_spec(spec, container_path: str, node: Node, what: str) -> None:
+    """Point the spec's device at ``container_path`` and its cgroup rules at the guest's numbers."""
+    linux = spec.Linux
+    entry = next((d for d in linux.Devices if d.Path == container_path), None)
+    if entry is None:
+        raise InvalidArgument(f"{what}.container_path: no OCI.Linux.Devices entry has Path {container_path!r}")
+    old = (entry.Type or node.kind, entry.Major, entry.Minor)
+    entry.Major, entry.Minor = node.major, node.minor
+    if not entry.Type:
+        entry.Type = node.kind
+    for rule in linux.Resources.Devices:
+        kind_ok = rule.Type in ("", "a", old[0]) or (old[0] in "cu" and rule.Type in "cu")
+        if kind_ok and rule.Major == old[1] and rule.Minor == old[2]:
+            rule.Major, rule.Minor = node.major, node.minor
+
+
+def check_device(device, what: str) -> str:
+    if device.type not in DEVICE_TYPES:
+        raise InvalidArgument(f"{what}.type: {device.type!r} is not one of {', '.join(DEVICE_TYPES)}")
+    source = device.vm_path or device.id
+    if not source:
+        raise InvalidArgument(f"{what}: neither id nor vm_path names the device")
+    if not device.container_path.startswith("/"):
+        raise InvalidArgument(f"{what}.container_path: {device.container_path!r} is not absolute")
+    return source
+
+
+async def prepare(uevents, devices, spec, timeout: float) -> list[Node]:
+    """Wait for every device of a CreateContainer request and rewrite ``spec`` for it."""
+    sources = [check_device(d, f"devices[{i}]") for i, d in enumerate(devices)]
+    nodes = []
+    for i, (device, source) in enumerate(zip(devices, sources)):
+        what = f"devices[{i}] ({device.type} {source})"
+        node = await wait_device(uevents, device.type, source, timeout, what)
+        rewrite_spec(spec, device.container_path, node, f"devices[{i}]")
+        nodes.append(node)
+    return nodes

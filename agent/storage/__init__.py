@@ -1,0 +1,205 @@
+"""Storages: a registry of drivers keyed by driver name, and refcounted mounts per mount point.
+
+A Storage names a driver (``virtio-fs``, ``9p``, ``blk``, ``mmioblk``, ``scsi``, ``nvdimm``,
+``ephemeral``, ``local``, ``overlayfs``, and our own ``bind``), a source, options and a
+mount point that must lie under /run/kata-containers/. Every storage of a request is checked
+before anything is mounted. Mounts are shared: the same mount point requested again (a second
+container) takes a reference; the mount goes away with the last reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.errors import InvalidArgument
+from agent.storage import paths
+from agent.storage.fsgroup import apply_fs_group
+from agent.storage.syscalls import MNT_DETACH, mounts_under, parse_options, umount
+
+log = logging.getLogger(__name__)
+
+DRIVER_MODULES = ("virtiofs", "ninep", "blk", "mmioblk", "scsi", "nvdimm", "ephemeral", "local",
+                  "overlayfs", "bind")
+
+
+@dataclass
+class MountContext:
+    """What a driver may use: device waiting and where the agent keeps its state."""
+
+    uevents: Any
+    hotplug_timeout: float
+    kata_root: str
+    run_dir: str
+
+
+class Driver(Protocol):
+    name: str
+    mounts: bool  # False for drivers that only make a directory (local)
+
+    def check(self, ctx: MountContext, storage, what: str) -> None: ...
+
+    async def mount(self, ctx: MountContext, storage, target: str, what: str) -> list[str] | None:
+        """Mount onto ``target``; returns directories it created elsewhere (removed at release)."""
+
+
+DRIVERS: dict[str, Driver] = {}
+
+
+def driver(cls):
+    """Class decorator: register one instance under ``cls.name``."""
+    inst = cls()
+    if inst.name in DRIVERS:
+        raise RuntimeError(f"storage driver {inst.name} registered twice")
+    DRIVERS[inst.name] = inst
+    return cls
+
+
+def load_drivers() -> dict[str, Driver]:
+    for name in DRIVER_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
+    return DRIVERS
+
+
+@dataclass
+class Mounted:
+    key: str
+    driver: str
+    refs: int = 1
+    created: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    spec: tuple = ()
+
+
+def storage_spec(storage) -> tuple:
+    return (storage.driver, storage.source, storage.fstype, tuple(storage.options),
+            tuple(storage.driver_options))
+
+
+class StorageManager:
+    """The agent's mounts made for storages, by mount point, with reference counts."""
+
+    def __init__(self, ctx: MountContext) -> None:
+        self.ctx = ctx
+        self.mounts: dict[str, Mounted] = {}
+        self._lock = asyncio.Lock()  # one mount at a time: two users of a mount point share it
+        load_drivers()
+
+    def target_of(self, storage, what: str) -> str:
+        mapped = paths.map_run_dir(storage.mount_point, self.ctx.run_dir)
+        parts = paths.lexical_under(mapped, self.ctx.kata_root, f"{what}.mount_point")
+        return os.path.join(self.ctx.kata_root, *parts)
+
+    def check(self, storages, field_name: str) -> list[str]:
+        """Validate every storage before any is mounted; returns their mount points."""
+        targets = []
+        for i, s in enumerate(storages):
+            what = f"{field_name}[{i}]"
+            drv = DRIVERS.get(s.driver)
+            if drv is None:
+                raise InvalidArgument(f"{what}.driver: unknown storage driver {s.driver!r} "
+                                      f"(known: {', '.join(sorted(DRIVERS))})")
+            target = self.target_of(s, what)
+            if target in (os.path.realpath(t) for t in targets):
+                raise InvalidArgument(f"{what}.mount_point: {s.mount_point!r} appears twice")
+            drv.check(self.ctx, s, what)
+            targets.append(target)
+        return targets
+
+    async def add(self, storage, what: str) -> str:
+        """Mount ``storage`` (or take another reference to it); returns the mount point key."""
+        async with self._lock:
+            return await self._add(storage, what)
+
+    async def _add(self, storage, what: str) -> str:
+        target = self.target_of(storage, what)
+        have = self.mounts.get(target)
+        if have is not None:
+            if have.spec != storage_spec(storage):
+                log.warning("mount point reused with a different storage",
+                            extra={"fields": {"mount_point": target, "storage": what}})
+            have.refs += 1
+            return target
+        drv = DRIVERS[storage.driver]
+        walk = paths.walk_dirs(self.ctx.kata_root, paths.lexical_under(
+            target, self.ctx.kata_root, f"{what}.mount_point"), mode=0o750)
+        try:
+            extra = await drv.mount(self.ctx, storage, f"/proc/self/fd/{walk.fd}", what) or []
+        except BaseException:
+            walk.close()
+            paths.remove_dirs(walk.created)
+            raise
+        walk.close()
+        entry = Mounted(target, drv.name, created=walk.created, extra=extra,
+                        spec=storage_spec(storage))
+        self.mounts[target] = entry
+        try:
+            self._apply_fs_group(storage, target)
+        except BaseException:
+            self._take_down(entry)
+            raise
+        log.info("storage mounted", extra={"fields": {"mount_point": target, "driver": drv.name}})
+        return target
+
+    def _apply_fs_group(self, storage, target: str) -> None:
+        if not storage.HasField("fs_group"):
+            return
+        if parse_options(storage.options).flags & 1:  # MS_RDONLY: nothing to change
+            return
+        apply_fs_group(target, storage.fs_group.group_id, storage.fs_group.group_change_policy)
+
+    async def add_all(self, storages, field_name: str, undo) -> list[str]:
+        """Check all, then mount each, registering its release on ``undo``."""
+        self.check(storages, field_name)
+        keys = []
+        for i, s in enumerate(storages):
+            key = await self.add(s, f"{field_name}[{i}]")
+            undo.push(f"storage {key}", lambda key=key: self.release(key))
+            keys.append(key)
+        return keys
+
+    def release(self, key: str) -> None:
+        """Drop one reference; the last one unmounts and removes what was created."""
+        entry = self.mounts.get(key)
+        if entry is None:
+            return
+        entry.refs -= 1
+        if entry.refs <= 0:
+            self._take_down(entry)
+
+    def _take_down(self, entry: Mounted) -> None:
+        if DRIVERS[entry.driver].mounts:
+            umount(entry.key, MNT_DETACH)
+        elif entry.key in entry.created:
+            _remove_tree(entry.key)
+        self.mounts.pop(entry.key, None)
+        for path in entry.extra:
+            _remove_tree(path)
+        paths.remove_dirs(entry.created)
+        log.info("storage released", extra={"fields": {"mount_point": entry.key}})
+
+    def release_all(self) -> None:
+        for key in sorted(self.mounts, reverse=True):
+            entry = self.mounts[key]
+            try:
+                self._take_down(entry)
+            except OSError:
+                log.exception("cannot release storage", extra={"fields": {"mount_point": key}})
+                self.mounts.pop(key, None)
+
+    def refs(self, key: str) -> int:
+        entry = self.mounts.get(key)
+        return entry.refs if entry else 0
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a directory tree the agent made, never descending into a mount below it."""
+    if mounts_under(path):
+        log.error("not removing %s: something is mounted below it", path)
+        return
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,15 @@
+"""``nvdimm``: a persistent-memory device ``/dev/pmemN``, mounted with ``dax``."""
+
+from __future__ import annotations
+
+from agent.storage import driver
+from agent.storage.base import BlockDriver, add_data
+
+
+@driver
+class Nvdimm(BlockDriver):
+    name = "nvdimm"
+    device_type = "nvdimm"
+
+    def options(self, storage):
+        return add_data(super().options(storage), "dax")

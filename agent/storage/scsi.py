@@ -1,0 +1,13 @@
+"""``scsi``: virtio-scsi; the source is ``target:lun``. The agent asks every SCSI host to scan for
+it, then waits for the block device at ``0:0:target:lun``."""
+
+from __future__ import annotations
+
+from agent.storage import driver
+from agent.storage.base import BlockDriver
+
+
+@driver
+class Scsi(BlockDriver):
+    name = "scsi"
+    device_type = "scsi"
