@@ -81,8 +81,22 @@ async def get_guest_details(agent: Agent, request: agent_pb2.GuestDetailsRequest
 
 @rpc("OnlineCPUMem")
 async def online_cpu_mem(agent: Agent, request: agent_pb2.OnlineCPUMemRequest, context):
-    await guest.online_cpu_mem(request)
+    if request.wait:
+        await guest.online_cpu_mem(request)
+    else:  # the host does not wait: online in the background and log the outcome
+        task = asyncio.create_task(guest.online_cpu_mem(request))
+        _background.add(task)
+        task.add_done_callback(_log_background)
     return empty_pb2.Empty()
+
+
+_background: set[asyncio.Task] = set()
+
+
+def _log_background(task: asyncio.Task) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("OnlineCPUMem in the background failed: %s", task.exception())
 
 
 @rpc("MemHotplugByProbe")

@@ -25,8 +25,9 @@ async def teardown(agent: Agent) -> None:
 async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceRequest, context):
     if not request.HasField("interface"):
         raise InvalidArgument("interface: required")
-    return await network.update_interface(agent.network, request.interface,
-                                          timeout=agent.config.hotplug_timeout)
+    # A PCI device the host just plugged may take a moment to appear; a MAC is looked up as is.
+    timeout = agent.config.hotplug_timeout if request.interface.devicePath else 0.0
+    return await network.update_interface(agent.network, request.interface, timeout=timeout)
 
 
 @rpc("UpdateRoutes")
