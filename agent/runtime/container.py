@@ -49,12 +49,10 @@ class Process:
 
     @property
     def running(self) -> bool:
-        return self.exit_status is None
+        return not self.exited.done()
 
     async def wait(self) -> int:
-        await asyncio.shield(self.exited)
-        assert self.exit_status is not None
-        return self.exit_status
+        return exit_code(await asyncio.shield(self.exited))
 
 
 @dataclass
