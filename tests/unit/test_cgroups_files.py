@@ -190,3 +190,55 @@ def test_parse_net_dev_skips_lo():
     assert (eth0.name, eth0.rx_bytes, eth0.rx_packets, eth0.rx_errors, eth0.rx_dropped) == (
         "eth0", 1500, 10, 1, 2)
     assert (eth0.tx_bytes, eth0.tx_packets, eth0.tx_errors, eth0.tx_dropped) == (900, 7, 3, 4)
+
+
+def _v2_manager(root, controllers: str):
+    from agent.runtime.cgroups import Manager
+    from agent.runtime.cgroups.layout import Layout
+
+    fake(root, cgroup__controllers=controllers, cgroup__subtree_control="")
+    return Manager(Layout({}, str(root), frozenset(controllers.split())))
+
+
+def _recording(monkeypatch) -> list[tuple[str, str]]:
+    written: list[tuple[str, str]] = []
+    real = files.write
+
+    def write(path, value):
+        written.append((os.path.basename(path), value))
+        real(path, value)
+
+    monkeypatch.setattr(files, "write", write)
+    return written
+
+
+def test_v2_create_enables_controllers_and_undoes_them_on_failure(tmp_path, monkeypatch):
+    """Pure v2: controllers are enabled in the parent; a failure removes the new directory and
+    disables what was enabled in the pre-existing parent."""
+    m = _v2_manager(tmp_path, "memory pids")
+    written = _recording(monkeypatch)
+    res = oci_pb2.LinuxResources()
+    res.Pids.Limit = 5
+    with pytest.raises(InvalidArgument, match=r"Pids\.Limit: not supported by this kernel"):
+        m.create("/c1", res, owner="o")  # a plain directory has no pids.max
+    assert written == [("cgroup.subtree_control", "+memory"), ("cgroup.subtree_control", "+pids"),
+                       ("cgroup.subtree_control", "-pids"), ("cgroup.subtree_control", "-memory")]
+    assert not (tmp_path / "c1").exists() and not m.owned
+
+
+def test_v2_required_controller_missing_is_refused_before_any_directory(tmp_path):
+    from agent.errors import FailedPrecondition
+    from agent.runtime.cgroups.manager import Cgroup
+
+    m = _v2_manager(tmp_path, "pids")
+    res = oci_pb2.LinuxResources()
+    res.Memory.Limit = 1 << 20
+    with pytest.raises(InvalidArgument, match=r"^OCI\.Linux\.Resources\.Memory: the memory cgroup"):
+        m.create("a/b", res, owner="o")
+    assert not (tmp_path / "a").exists()
+    # Available at the root but not below it (a parent that did not delegate it).
+    (tmp_path / "mid").mkdir()
+    fake(tmp_path / "mid", cgroup__controllers="pids", cgroup__subtree_control="")
+    with pytest.raises(FailedPrecondition, match=r"^OCI\.Linux\.CgroupsPath: the memory controller "
+                                                 r"is not available in .*/mid$"):
+        m._enable(Cgroup(m, "mid/x", "o"), str(tmp_path / "mid"), {"memory"}, set())

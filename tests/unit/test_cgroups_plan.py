@@ -258,3 +258,16 @@ def test_empty_and_network_only():
     assert make_plan(None, v1).writes == []
     p = make_plan(resources(Network={"ClassID": 7}), v1)
     assert p.writes == [] and any("Network" in n for n in p.notes)
+
+
+@given(st.text(st.sampled_from("ab./:-_\n"), max_size=30))
+def test_resolve_never_escapes_the_root(text):
+    """Whatever the path, the result is a non-empty relative path with no '.' or '..' parts."""
+    try:
+        rel = cgpath.resolve(text, "owner")
+    except InvalidArgument as exc:
+        assert exc.message.startswith("OCI.Linux.CgroupsPath: ")
+        return
+    parts = rel.split("/")
+    assert rel and not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+    assert "\n" not in rel
