@@ -9,6 +9,7 @@ loopback TCP port inside the namespace is not reachable from the test.
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,4 +78,5 @@ def netns_agent(netns):
     agent = NetnsAgent(netns)
     yield agent
     rc = agent.stop()
+    shutil.rmtree(agent.dir, ignore_errors=True)
     assert rc == 0, f"agent exited with {rc}:\n{agent.logs()}"
