@@ -1,0 +1,105 @@
+"""agent.oci: validation names the field; conversion computes flags, caps and rlimits."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import linux, oci
+from agent.errors import InvalidArgument
+from kata_agent_client.spec import default_config, spec_from_config
+
+
+def spec(**changes):
+    cfg = default_config(["sh"], rootfs="/r")
+    for path, value in changes.items():
+        target = cfg
+        keys = path.split(".")
+        for k in keys[:-1]:
+            target = target[int(k)] if isinstance(target, list) else target[k]
+        last = keys[-1]
+        if isinstance(target, list):
+            target[int(last)] = value
+        else:
+            target[last] = value
+    return spec_from_config(cfg)
+
+
+def test_default_spec_is_valid_and_converts():
+    s = spec()
+    oci.validate(s)
+    cfg = oci.convert(s, "c1")
+    assert cfg.rootfs == "/r" and cfg.readonly_root and cfg.hostname == "container"
+    assert cfg.process.caps["bounding"] == (1 << 5) | (1 << 10) | (1 << 29)
+    assert cfg.process.rlimits == [(7, 1024, 1024)]
+    assert cfg.process.no_new_privileges
+    assert (linux.CLONE_NEWPID, "") in cfg.namespaces and cfg.new_namespace(linux.CLONE_NEWNS)
+    assert cfg.default_devices
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"process.args": []}, "OCI.Process.Args: empty"),
+    ({"mounts.3.destination": "dev/shm"}, "OCI.Mounts[3].destination: 'dev/shm' not absolute"),
+    ({"mounts.0.destination": "/proc/../x"}, "OCI.Mounts[0].destination"),
+    ({"root.path": "rootfs"}, "OCI.Root.Path: 'rootfs' not absolute"),
+    ({"process.cwd": "tmp"}, "OCI.Process.Cwd"),
+    ({"process.env": ["NOEQUALS"]}, "OCI.Process.Env[0]"),
+    ({"process.rlimits": [{"type": "RLIMIT_BOGUS", "hard": 1, "soft": 1}]}, "OCI.Process.Rlimits[0].Type"),
+    ({"process.rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}, "OCI.Process.Rlimits[0]"),
+    ({"process.capabilities": {"bounding": ["CAP_FLY"]}}, "OCI.Process.Capabilities.Bounding[0]"),
+    ({"linux.namespaces": [{"type": "pid"}, {"type": "bogus"}]}, "OCI.Linux.Namespaces[1].Type"),
+    ({"linux.namespaces": [{"type": "user"}, {"type": "uts"}]}, "user namespaces"),
+    ({"linux.namespaces": [{"type": "pid"}, {"type": "mount"}]}, "OCI.Hostname"),
+    ({"linux.rootfsPropagation": "sideways"}, "OCI.Linux.RootfsPropagation"),
+    ({"linux.devices": [{"path": "/dev/x", "type": "q"}]}, "OCI.Linux.Devices[0].Type"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}, "OCI.Linux.Seccomp"),
+    ({"linux.maskedPaths": ["proc/kcore"]}, "OCI.Linux.MaskedPaths[0]"),
+])
+def test_validate_names_the_field(change, message):
+    with pytest.raises(InvalidArgument) as e:
+        oci.validate(spec(**change))
+    assert message in e.value.message
+
+
+def test_missing_process_and_root():
+    with pytest.raises(InvalidArgument, match="OCI.Process: missing"):
+        oci.validate(spec_from_config({"root": {"path": "/r"}}))
+    with pytest.raises(InvalidArgument, match="OCI.Root.Path: empty"):
+        oci.validate(spec_from_config({"process": {"args": ["sh"]}}))
+
+
+def test_mount_options():
+    m = oci.convert_mount(spec_from_config({"mounts": [{"destination": "/a/", "type": "tmpfs", "source": "t",
+                                                         "options": ["nosuid", "ro", "rw", "mode=755", "size=1m",
+                                                                     "rslave", "tmpcopyup"]}]}).Mounts[0])
+    assert m.destination == "/a"
+    assert m.flags == linux.MS_NOSUID
+    assert m.data == "mode=755,size=1m"
+    assert m.propagation == [linux.MS_SLAVE | linux.MS_REC]
+    b = oci.convert_mount(spec_from_config({"mounts": [{"destination": "/b", "type": "bind", "source": "/s",
+                                                         "options": ["rbind", "ro"]}]}).Mounts[0])
+    assert b.is_bind and b.flags == linux.MS_BIND | linux.MS_REC | linux.MS_RDONLY
+
+
+def test_dev_bind_disables_default_devices():
+    s = spec(**{"mounts.1": {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]}})
+    oci.validate(s)
+    assert not oci.convert(s, "c").default_devices
+
+
+def test_devices_and_string_user():
+    s = spec(**{"linux.devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o600}]})
+    oci.validate(s)
+    d = oci.convert(s, "c").devices[0]
+    assert (d.path, d.mode, d.major, d.minor) == ("/dev/fuse", 0o020600, 10, 229)
+    from agent.protocols import agent_pb2
+
+    assert oci.string_user(agent_pb2.StringUser(uid="user", gid="extra")) == "user:extra"
+    assert oci.string_user(agent_pb2.StringUser()) == ""
+    assert oci.convert(spec(), "c", "user").process.user == "user"
+
+
+def test_unlimited_rlimit():
+    s = spec(**{"process.rlimits": [{"type": "RLIMIT_CORE", "hard": 2**64 - 1, "soft": 2**64 - 1}]})
+    import resource
+
+    assert oci.convert(s, "c").process.rlimits == [(4, resource.RLIM_INFINITY, resource.RLIM_INFINITY)]
