@@ -269,9 +269,9 @@ def _mount_cgroup(rootfs: str, m: dict[str, Any]) -> None:
     _step(where, linux.mount, "tmpfs", dest, "tmpfs", flags, "mode=755")
     for point, fstype, _root, opts in mounts:
         name = os.path.basename(point)
-        if not name or point == "/sys/fs/cgroup":
-            continue
-        controllers = "" if fstype == "cgroup2" else _controllers_of(opts, own)
+        if not name or point == "/sys/fs/cgroup" or fstype == "cgroup2":
+            continue  # hybrid: runc shows the v1 hierarchies only
+        controllers = _controllers_of(opts, own)
         if controllers is None or controllers not in own:
             continue
         sub = os.path.join(dest, name)

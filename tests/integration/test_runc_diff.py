@@ -1,0 +1,87 @@
+"""Differential tests: the same config.json under Debian's runc and under the agent must give the
+container the same view of itself (ids, caps, NoNewPrivs, rlimits, env, cwd, hostname, mounts, /dev,
+namespaces)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from kata_agent_client.spec import default_config
+from tests.integration.test_containers import run
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")]
+
+# Each probe prints one section; the outputs are compared section by section.
+VIEW = r"""
+echo "== ids"; id
+echo "== status"; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status
+echo "== rlimits"; ulimit -a
+echo "== env"; env | sort
+echo "== cwd"; pwd
+echo "== hostname"; hostname
+echo "== mounts"; awk '{ split($0, a, " - "); split(a[2], b, " "); print $5, b[1] }' /proc/self/mountinfo
+echo "== dev"; ls -l /dev | awk '{ print substr($1, 1, 1), $1, $3, $4, $9, $10, $11 }' | sort
+echo "== ns"; ls /proc/self/ns
+echo "== umask"; umask
+"""
+
+
+def sections(text: str) -> dict[str, str]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("== "):
+            current = line[3:]
+            out[current] = []
+        elif current is not None:
+            out[current].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def runc_view(tmp_path, cfg) -> str:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    state = tmp_path / "runc-state"
+    # A private mount namespace, so nothing runc mounts can leak; its state lives under tmp_path.
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "runc", "--root", str(state),
+                           "run", "--bundle", str(bundle), f"diff-{tmp_path.name[-20:]}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def compare(agent, tmp_path, rootfs, container_id, adjust=None):
+    cfg = default_config(["sh", "-c", VIEW], rootfs=str(rootfs))
+    cfg["root"]["readonly"] = True
+    if adjust:
+        adjust(cfg)
+    status, ours, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    theirs = sections(runc_view(tmp_path, cfg))
+    ours_s = sections(ours)
+    assert ours_s.keys() == theirs.keys()
+    for key in theirs:
+        assert ours_s[key] == theirs[key], f"section {key} differs"
+
+
+def test_default_config_matches_runc(agent, busybox_rootfs, container_id, tmp_path):
+    compare(agent, tmp_path, busybox_rootfs, container_id)
+
+
+def test_non_root_user_matches_runc(agent, busybox_rootfs, container_id, tmp_path):
+    def adjust(cfg):
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [100, 2000]}
+        cfg["process"]["cwd"] = "/tmp"
+        cfg["process"]["env"].append("FOO=bar")
+        cfg["process"]["rlimits"].append({"type": "RLIMIT_CORE", "hard": 4096, "soft": 1024})
+        caps = cfg["process"]["capabilities"]
+        caps["inheritable"] = list(caps["bounding"])
+        cfg["hostname"] = "diffhost"
+
+    compare(agent, tmp_path, busybox_rootfs, container_id, adjust)
