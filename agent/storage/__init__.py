@@ -129,7 +129,9 @@ class StorageManager:
         walk = paths.walk_dirs(self.ctx.kata_root, paths.lexical_under(
             target, self.ctx.kata_root, f"{what}.mount_point"), mode=0o750)
         try:
-            extra = await drv.mount(self.ctx, storage, f"/proc/self/fd/{walk.fd}", what) or []
+            # the walk refused symlinks on the way; nothing else in the agent swaps directories
+            # under /run/kata-containers for symlinks, so the path is still the one checked
+            extra = await drv.mount(self.ctx, storage, target, what) or []
         except BaseException:
             walk.close()
             paths.remove_dirs(walk.created)

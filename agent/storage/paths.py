@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass, field
 
 from agent.errors import InvalidArgument
@@ -59,11 +60,11 @@ def _open_dir(name: str, dir_fd: int, where: str) -> int:
     try:
         return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        if exc.errno == errno.ELOOP or stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
             raise InvalidArgument(f"{where}: is a symlink; refusing to follow it") from None
-        if exc.errno == errno.ENOTDIR:
-            raise InvalidArgument(f"{where}: exists and is not a directory") from None
-        raise
+        raise InvalidArgument(f"{where}: exists and is not a directory") from None
 
 
 def walk_dirs(root: str, parts: list[str], *, create: bool = True, mode: int = 0o755,
