@@ -249,3 +249,17 @@ def test_nothing_left_behind_and_id_reusable(agent, busybox_rootfs, container_id
 def _children(pid: int) -> set[str]:
     text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return set(text.split())
+
+
+def test_cgroup_created_joined_and_removed(agent, busybox_rootfs, container_id):
+    cfg = make_spec(busybox_rootfs, ["sh", "-c", "grep -E '^[0-9]+:(memory|pids):' /proc/self/cgroup; read x"])
+    cfg["linux"]["cgroupsPath"] = f"/kata-test/{container_id}"
+    create(agent, container_id, cfg)
+    agent.client.call("StartContainer", {"container_id": container_id})
+    out = agent.client.call("ReadStdout", {"container_id": container_id, "len": 4096}).data.decode()
+    paths = [line.split(":", 2) for line in out.split()]
+    assert paths and all(p[2] == f"/kata-test/{container_id}" for p in paths), out
+    dirs = [pathlib.Path("/sys/fs/cgroup") / ctrl / f"kata-test/{container_id}" for _, ctrl, _ in paths]
+    assert all(d.is_dir() for d in dirs)
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+    assert not any(d.exists() for d in dirs)
