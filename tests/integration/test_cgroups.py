@@ -333,3 +333,41 @@ def test_v2_unavailable_controller_is_refused_cleanly(v2box):
     cg = m.create("/x/y", None, owner="o")
     cg.destroy()
     assert not os.path.exists(os.path.join(m.layout.v2, "x"))
+
+
+PROBE = """import os, sys
+sys.stdin.read(1)
+for path, flags in (("/dev/null", os.O_RDWR), ("/dev/kmsg", os.O_RDONLY), ("/dev/kmsg", os.O_WRONLY),
+                    ("/dev/tty1", os.O_RDONLY)):
+    try:
+        os.close(os.open(path, flags))
+        print("ok")
+    except OSError as exc:
+        print(exc.strerror)
+"""
+
+
+def _probe_devices(box: Sandbox, cg: cgroups.Cgroup) -> list[str]:
+    proc = subprocess.Popen([sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    box.procs.append(proc)
+    for procs_file in cg.procs_files():
+        files.write(procs_file, str(proc.pid))
+    out, _ = proc.communicate("x", timeout=20)
+    return out.splitlines()
+
+
+def test_v2_device_rules_are_an_ebpf_filter(v2box):
+    """deny all, allow /dev/kmsg read-only (+ the defaults, /dev/null among them); an update
+    replaces the filter."""
+    r = oci_pb2.LinuxResources()
+    r.Devices.add(Allow=False, Access="rwm")
+    r.Devices.add(Allow=True, Type="c", Major=1, Minor=11, Access="r")
+    cg = v2box.manager.create("c1", r, owner="c1")
+    denied = "Operation not permitted"
+    assert _probe_devices(v2box, cg) == ["ok", "ok", denied, denied]
+    r.Devices[1].Access = "rw"
+    cg.update(r)
+    assert _probe_devices(v2box, cg) == ["ok", "ok", "ok", denied]
+    cg.destroy()
+    assert cg.bpf_fd == -1

@@ -16,8 +16,8 @@ def v1(_ctrl: str) -> int:
     return 1
 
 
-def v2(ctrl: str) -> int | None:
-    return None if ctrl == "devices" else 2
+def v2(_ctrl: str) -> int:
+    return 2
 
 
 def writes(p: plan.Plan) -> list[tuple[str, str, str]]:
@@ -81,7 +81,7 @@ def test_routes_hybrid_and_pure_v2():
     assert hybrid.route("blkio") == layout.Route(2, "/u")
     assert hybrid.route("freezer") == layout.Route(2, "/u")  # core on v2
     assert hybrid.route("pids") is None
-    assert hybrid.route("devices") is None
+    assert hybrid.route("devices") == layout.Route(2, "/u")  # an eBPF filter on v2
     assert hybrid.roots() == ["/c", "/m", "/u"]  # co-mounted cpu+cpuacct once
     pure = layout.Layout({}, "/sys/fs/cgroup", frozenset({"memory"}))
     assert pure.mode == "v2" and pure.roots() == ["/sys/fs/cgroup"]
@@ -201,7 +201,7 @@ def test_pids_blkio_hugetlb_plans():
     assert p2.writes[1].targets[1] == ("io.weight", "4950")
 
 
-def test_device_rules_v1_with_defaults_and_v2_note():
+def test_device_rules_v1_with_defaults_v2_as_filter_rules():
     res = oci_pb2.LinuxResources()
     res.Devices.add(Allow=False, Access="rwm")
     res.Devices.add(Allow=True, Type="c", Major=1, Minor=-1, Access="r")
@@ -211,7 +211,10 @@ def test_device_rules_v1_with_defaults_and_v2_note():
                              ("devices", "devices.allow", "c *:* m")]
     assert len(p.writes) == 2 + len(plan.DEFAULT_DEVICE_RULES)
     p2 = make_plan(res, v2)
-    assert p2.writes == [] and any("eBPF" in n for n in p2.notes)
+    assert p2.writes == []
+    assert p2.device_rules == [(w.file, w.value) for w in p.writes]
+    p0 = make_plan(res, lambda c: None)
+    assert p0.writes == p0.device_rules == [] and any("Devices" in n for n in p0.notes)
 
 
 @pytest.mark.parametrize("groups, field", [
@@ -271,3 +274,19 @@ def test_resolve_never_escapes_the_root(text):
     parts = rel.split("/")
     assert rel and not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
     assert "\n" not in rel
+
+
+def test_device_filter_program_shape():
+    from agent.runtime.cgroups import devices_bpf
+
+    rules = [devices_bpf.parse_rule("devices.deny", "a *:* rwm"),
+             devices_bpf.parse_rule("devices.allow", "c 1:* r"),
+             devices_bpf.parse_rule("devices.allow", "b 8:0 rw")]
+    assert rules[1] == devices_bpf.Rule(True, "c", 1, -1, "r")
+    code = devices_bpf.program(rules)
+    assert len(code) % 8 == 0
+    # 7 set-up instructions, then per rule: type? + 3 access + major? + minor? + 2 returns.
+    assert len(code) // 8 == 7 + (1 + 3 + 1 + 1 + 2) + (1 + 3 + 1 + 2) + (3 + 2) + 2
+    assert code[-16:] == bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # deny
+    allow_by_default = devices_bpf.program(rules[1:])
+    assert allow_by_default[-16:-8] == bytes([0xB7, 0, 0, 0, 1, 0, 0, 0])

@@ -3,7 +3,7 @@
 Controllers are named by their v1 ("logical") names throughout the package: cpu, cpuacct, cpuset,
 memory, devices, freezer, blkio, pids, hugetlb. A v1 mount serves a controller when it is mounted
 there; otherwise the cgroup2 mount serves it when enabled there (blkio is "io" on v2; cpuacct
-and freezer are core features of every v2 cgroup; devices needs eBPF on v2 and is not served).
+and freezer are core features of every v2 cgroup; devices is an eBPF program attached to it).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 LOGICAL = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb")
 V2_NAME = {"cpu": "cpu", "cpuset": "cpuset", "memory": "memory", "blkio": "io", "pids": "pids",
            "hugetlb": "hugetlb"}
-V2_CORE = ("cpuacct", "freezer")
+V2_CORE = ("cpuacct", "freezer", "devices")  # devices: an eBPF program on any v2 cgroup
 # Enabled in the parents of every cgroup on a pure v2 host, so that stats have their files.
 V2_DEFAULT = ("cpu", "cpuset", "io", "memory", "pids", "hugetlb")
 

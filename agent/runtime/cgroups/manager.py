@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from agent.errors import DeadlineExceeded, FailedPrecondition, Internal
 from agent.protocols import agent_pb2, oci_pb2
-from agent.runtime.cgroups import cgpath, files, stats
+from agent.runtime.cgroups import cgpath, devices_bpf, files, stats
 from agent.runtime.cgroups.apply import Undo, apply
 from agent.runtime.cgroups.layout import V2_DEFAULT, V2_NAME, Layout
 from agent.runtime.cgroups.oom import OomWatcher, Watch
@@ -54,6 +54,7 @@ class Manager:
             for root in self.layout.roots():
                 self._make_dirs(cg, root, plan)
             apply(plan, cg.dir_of, CREATE_PREFIX)
+            cg.set_device_filter(plan, CREATE_PREFIX)
             if self.version("memory") is not None:
                 cg.watch = self.oom.watch(cg.dir_of("memory"), self.version("memory") or 0, owner)
         except BaseException:
@@ -163,6 +164,7 @@ class Cgroup:
     created: list[str] = field(default_factory=list)  # made by create(), top-down
     enabled: list[tuple[str, str]] = field(default_factory=list)  # (dir, controller) enabled
     watch: Watch | None = None
+    bpf_fd: int = -1  # v2: the attached eBPF device filter
     destroyed: bool = False
 
     @property
@@ -204,9 +206,30 @@ class Cgroup:
         undo = Undo()
         try:
             apply(plan, self.dir_of, prefix, undo)
+            self.set_device_filter(plan, prefix)
         except BaseException:
             undo.run()
             raise
+
+    def set_device_filter(self, plan: Plan, prefix: str) -> None:
+        """v2: attach an eBPF program for the plan's device rules, replacing the previous one."""
+        if not plan.device_rules:
+            return
+        directory = self.dir_of("devices")
+        rules = [devices_bpf.parse_rule(f, r) for f, r in plan.device_rules]
+        try:
+            fd = devices_bpf.attach(directory, rules)
+        except OSError as exc:
+            raise FailedPrecondition(f"{prefix}.Devices: cannot attach the eBPF device filter: "
+                                     f"{exc.strerror or exc}") from None
+        old, self.bpf_fd = self.bpf_fd, fd
+        if old >= 0:
+            devices_bpf.detach(directory, old)
+
+    def _close_filter(self) -> None:
+        if self.bpf_fd >= 0:
+            os.close(self.bpf_fd)
+            self.bpf_fd = -1
 
     def _enable_v2_for(self, plan: Plan) -> None:
         root = self.manager.layout.v2 or ""
@@ -287,6 +310,7 @@ class Cgroup:
 
     def undo_create(self) -> None:
         self.manager.oom.unwatch(self.watch)
+        self._close_filter()
         for directory in reversed(self.created):
             try:
                 self.manager.remove_dir(directory)
@@ -314,6 +338,7 @@ class Cgroup:
                 timeout = 0.0  # waited once already
                 continue
             self.manager.remove_owned_ancestors(root, leaf)
+        self._close_filter()  # the kernel drops the program with the cgroup
         if busy:
             raise FailedPrecondition(f"cgroup {self.path}: still has processes {self.pids()} "
                                      f"({', '.join(busy)})")

@@ -53,6 +53,8 @@ class Write:
 class Plan:
     writes: list[Write] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was ignored, and why
+    # cgroup v2: device rules as (devices.allow|devices.deny, rule), for an eBPF filter
+    device_rules: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def controllers(self) -> set[str]:
@@ -349,9 +351,14 @@ def hugetlb(limits, version: int, prefix: str, plan: Plan) -> None:
                                  busy="below the current usage"))
 
 
-def devices_v1(rules, prefix: str, plan: Plan) -> None:
+def device_rules(rules, prefix: str) -> list[tuple[str, str]]:
+    """The spec's rules, then the defaults every container may use."""
     parsed = [device_rule(d, f"{prefix}.Devices[{i}]") for i, d in enumerate(rules)]
-    parsed += [("devices.allow", r) for r in DEFAULT_DEVICE_RULES]
+    return parsed + [("devices.allow", r) for r in DEFAULT_DEVICE_RULES]
+
+
+def devices_v1(rules, prefix: str, plan: Plan) -> None:
+    parsed = device_rules(rules, prefix)
     for i, (file, rule) in enumerate(parsed):
         where = f"Devices[{i}]" if i < len(rules) else "Devices (defaults)"
         plan.writes.append(Write("devices", ((file, rule),), where))
@@ -395,10 +402,13 @@ def make_plan(res: oci_pb2.LinuxResources | None, version: Version,
             raise _unavailable(prefix, "HugepageLimits", "hugetlb")
         hugetlb(res.HugepageLimits, ver, prefix, plan)
     if res.Devices:
-        if version("devices") == 1:
+        ver = version("devices")
+        if ver == 1:
             devices_v1(res.Devices, prefix, plan)
+        elif ver == 2:
+            plan.device_rules = device_rules(res.Devices, prefix)
         else:
-            plan.notes.append("Devices: device rules need eBPF on cgroup v2 and are not applied")
+            plan.notes.append("Devices: no devices controller; rules not applied")
     if res.HasField("Network") and res.Network.ByteSize():
         plan.notes.append("Network: class id and priorities are not supported; ignored")
     return plan
