@@ -69,20 +69,35 @@ def _step(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 # --- entry points (called in the spawner's forked child) ----------------------------------------
 
 def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], procs: list[str]) -> NoReturn:
-    """The intermediate child of a CreateContainer: join, unshare, fork the init, report its pid."""
+    """The intermediate child of a CreateContainer: join, unshare, fork the init, report its pid.
+
+    Moving a process into a v1 cgroup costs an RCU grace period (~18 ms here), so the
+    intermediate moves the init while the init sets up its rootfs; the init waits for that (EOF
+    on ``joined``) before it unshares a cgroup namespace or reports ready.
+    """
     try:
         _join_paths(cfg["namespaces"])
-        _join_cgroup(procs)
         flags = 0
         for flag, path in cfg["namespaces"]:
-            if not path:
+            if not path and flag != linux.CLONE_NEWCGROUP:
                 flags |= flag
         _step("unshare", linux.unshare, flags)
+        # Opened before the fork: the init's pivot_root changes this process's root too.
+        cgroup_fds = [_step(f"join cgroup {path}", os.open, path, os.O_WRONLY) for path in procs]
+        joined_r, joined_w = os.pipe()
         pid = os.fork()
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
     if pid == 0:
-        _container_init(cfg, sync, stdio)
+        os.close(joined_w)
+        _container_init(cfg, sync, stdio, joined_r)
+    os.close(joined_r)
+    try:
+        for path, fd in zip(procs, cgroup_fds):
+            _step(f"join cgroup {path}", os.write, fd, str(pid).encode())
+    except SetupError as exc:
+        os.kill(pid, signal.SIGKILL)
+        fail(sync, str(exc))
     send(sync, {"pid": pid})
     os._exit(0)
 
@@ -162,35 +177,51 @@ def _open_namespaces(pid: int) -> list[tuple[str, int, int]]:
 
 # --- the container init -------------------------------------------------------------------------
 
-def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int]) -> NoReturn:
+def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], joined: int) -> NoReturn:
     try:
         os.umask(0)
         proc = cfg["process"]
-        _setup_stdio(stdio, proc["terminal"], sync)
+        cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
+        if cgroupns:
+            _wait_joined(joined)
+            _step("unshare cgroup", linux.unshare, linux.CLONE_NEWCGROUP)
+        _setup_stdio(stdio, proc["terminal"], sync, keep=joined)
         _prepare_rootfs(cfg, proc["terminal"])
         _pivot(cfg["rootfs"])
         _finish_rootfs(cfg)
         if cfg["hostname"] and _new_ns(cfg, linux.CLONE_NEWUTS):
             _step("sethostname", linux.sethostname, cfg["hostname"])
+        if not cgroupns:
+            _wait_joined(joined)
         _exec_process(proc, sync, stdio=None, wait_start=True)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
+
+
+def _wait_joined(fd: int) -> None:
+    """Block until the intermediate has put this process in its cgroup (and exited)."""
+    if fd >= 0:
+        while os.read(fd, 1):
+            pass
+        os.close(fd)
 
 
 def _new_ns(cfg: dict[str, Any], flag: int) -> bool:
     return any(f == flag and not p for f, p in cfg["namespaces"])
 
 
-def _setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket) -> None:
+def _setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket, keep: int = -1) -> None:
     os.setsid()
     if terminal:
         _step("set the controlling terminal", fcntl.ioctl, stdio[0], termios.TIOCSCTTY, 0)
     for target, fd in enumerate(stdio):
         if fd != target:
             os.dup2(fd, target)
-    keep = sync.fileno()
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 16)
+    start = 3
+    for fd in sorted({sync.fileno(), keep} - {-1}):
+        os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, 1 << 16)
 
 
 def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
