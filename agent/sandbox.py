@@ -27,6 +27,7 @@ from agent.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidAr
                           Unimplemented)
 from agent.protocols import oci_pb2
 from agent.runtime import command
+from agent.runtime.reaper import REAPER
 from agent.storage import MountContext, StorageManager, paths
 from agent.storage.syscalls import MNT_DETACH, MS_BIND, mount, mount_bind, mounts_under, umount
 from agent.undo import UndoStack
@@ -279,7 +280,17 @@ class Sandbox:
             os.close(lifeline_w)
             raise Internal(f"sandbox_pidns: init did not start: {reply!r}")
         self._lifeline = lifeline_w  # held until the init is killed; if the agent dies, it exits
+        await self._reap_worker(int(reply.get("pid", 0)))
         return pid
+
+    @staticmethod
+    async def _reap_worker(worker: int) -> None:
+        """The task's worker exits after its reply; once it is gone the init is our child."""
+        if worker > 0:
+            try:
+                await asyncio.wait_for(REAPER.wait(worker), 5)
+            except asyncio.TimeoutError:
+                log.warning("sandbox pidns task worker %d did not exit", worker)
 
     def stop_pidns_init(self, pid: int) -> None:
         _kill(pid)
