@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import logging
 import os
 import sys
 
@@ -55,9 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(server.serve(cfg, spawner=spawner))
-    except server.ListenError as exc:
-        logging.getLogger("agent").error("%s", exc)
-        return 1
     finally:
         if pid1:
             from agent import init

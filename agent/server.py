@@ -20,6 +20,7 @@ from agent.context import Agent
 from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
 from agent.runtime.reaper import REAPER
 from agent.service import KataHealth, build_agent_service
+from agent.vsock import Relay, relay_backend_path, vsock_listener
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ SERVICE_NAMES = (
 
 class ListenError(OSError):
     """A listen address could not be bound."""
+
+
+class StartError(Exception):
+    """An area's set-up failed (e.g. an invalid boot policy); the agent does not serve."""
 
 
 def _prepare_unix(addr: Address) -> None:
@@ -64,20 +69,36 @@ def build_server(agent: Agent) -> tuple[grpc.aio.Server, std_health.aio.HealthSe
     return server, standard
 
 
-def bind(server: grpc.aio.Server, addrs: list[Address]) -> list[Address]:
-    """Bind every address; a TCP port 0 becomes the port the kernel chose."""
-    bound = []
+def bind(server: grpc.aio.Server, addrs: list[Address], run_dir: str) -> tuple[list[Address], list[Relay]]:
+    """Bind every address; a TCP port 0 becomes the port the kernel chose.
+
+    vsock addresses are served by relays (agent.vsock) into one private unix socket.
+    """
+    bound: list[Address] = []
+    relays: list[Relay] = []
+    backend = None
     for addr in addrs:
+        if addr.scheme == "vsock":
+            try:
+                listener = vsock_listener(addr)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+            if backend is None:
+                backend = relay_backend_path(run_dir)
+                _prepare_unix(Address("unix", host=backend))
+                server.add_insecure_port(f"unix:{backend}")
+            relays.append(Relay(listener, backend, str(addr)))
+            bound.append(addr)
+            continue
         _prepare_unix(addr)
         try:
             port = server.add_insecure_port(addr.grpc_target())
         except RuntimeError:
-            hint = " (does this kernel have vsock?)" if addr.scheme == "vsock" else ""
-            raise ListenError(f"cannot listen on {addr}{hint}") from None
+            raise ListenError(f"cannot listen on {addr}") from None
         if addr.scheme == "tcp":
             addr = Address("tcp", host=addr.host, port=port)
         bound.append(addr)
-    return bound
+    return bound, relays
 
 
 async def serve(config: Config, spawner=None) -> int:
@@ -89,13 +110,20 @@ async def serve(config: Config, spawner=None) -> int:
     REAPER.install(loop)
     rpc.load_all()
     done = []
+    relays: list[Relay] = []
+    rc = 0
     try:
         for setup in rpc.SETUPS:
-            await setup(agent)
+            try:
+                await setup(agent)
+            except Exception as exc:
+                raise StartError(f"{setup.__module__}: {exc}") from exc
             done.append(setup.__module__)
         server, standard = build_server(agent)
-        bound = bind(server, config.server_addrs)
+        bound, relays = bind(server, config.server_addrs, config.run_dir)
         await server.start()
+        for relay in relays:
+            await relay.start()
         for name in ("", *SERVICE_NAMES[:2]):
             await standard.set(name, std_health_pb2.HealthCheckResponse.SERVING)
         log.info("agent serving", extra={"fields": {"addrs": [str(a) for a in bound], "pid": os.getpid()}})
@@ -103,7 +131,12 @@ async def serve(config: Config, spawner=None) -> int:
         await agent.stopping.wait()
         log.info("agent stopping")
         await standard.enter_graceful_shutdown()
+        for relay in relays:
+            await relay.close()
         await server.stop(SHUTDOWN_GRACE)
+    except (StartError, ListenError) as exc:
+        log.error("agent cannot start", extra={"fields": {"error": str(exc)}})
+        rc = 1
     finally:
         agent.stopping.set()
         for teardown in reversed(rpc.TEARDOWNS):
@@ -113,4 +146,4 @@ async def serve(config: Config, spawner=None) -> int:
                 except Exception:  # noqa: BLE001 - release the rest too
                     log.exception("teardown failed", extra={"fields": {"area": teardown.__module__}})
     log.info("agent stopped")
-    return 0
+    return rc

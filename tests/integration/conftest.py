@@ -38,10 +38,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, through /proc/<pid>/task/*/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for children in pathlib.Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                kids = [int(k) for k in children.read_text().split()]
+            except OSError:
+                continue
+            found.extend(kids)
+            todo.extend(kids)
+    return found
+
+
+CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
+
+
+def agent_cgroups() -> set[pathlib.Path]:
+    """The agent's default container cgroups (kata-agent/<id>) in every hierarchy."""
+    return {p for p in CGROUP_ROOT.glob("*/kata-agent/*") if p.is_dir()} | \
+           {p for p in CGROUP_ROOT.glob("kata-agent/*") if p.is_dir()}
+
+
+def remove_new_cgroups(before: set[pathlib.Path]) -> None:
+    for path in sorted(agent_cgroups() - before, key=lambda p: len(p.parts), reverse=True):
+        for _ in range(50):
+            try:
+                path.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 class AgentProcess:
     """A running agent: ``client`` is a kata_agent_client.AgentClient connected to it."""
 
     def __init__(self, tmp: pathlib.Path, extra_args: list[str] | None = None, env: dict | None = None):
+        self._cgroups_before = agent_cgroups()
         self.port = free_port()
         self.addr = f"tcp://127.0.0.1:{self.port}"
         self.log_path = tmp / f"agent-{self.port}.log"
@@ -86,9 +123,18 @@ class AgentProcess:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL the agent and everything it started (container inits call setsid, so the
+        process group is not enough), then remove the cgroups its containers left."""
         if self.proc.poll() is None:
+            pids = descendants(self.proc.pid)
             os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.wait()
+        remove_new_cgroups(self._cgroups_before)
 
 
 @pytest.fixture
