@@ -1,0 +1,1 @@
+"""Reliability harness: an isolated agent, invariant snapshots and protobuf fuzz strategies."""
