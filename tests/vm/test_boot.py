@@ -111,8 +111,6 @@ print("FRAME", head[3] if len(head) > 3 else None)
 '''
 
 
-@pytest.mark.xfail(reason="PyPI grpcio wheels are built without GRPC_HAVE_VSOCK ('VSOCK is not "
-                          "supported'): the agent needs its own vsock listener/relay", strict=False)
 def test_agent_serves_vsock_in_guest(guest):
     """An HTTP/2 server (the agent's gRPC) answers on vsock CID 1 port 1024 inside the guest."""
     rc, out = guest.shell(f"python3 -c '{H2_PROBE}'", timeout=60)
