@@ -391,6 +391,7 @@ class Sandbox:
         await self.storages.add_all(req.storages, "storages", undo)
         fault_point("storages")
         self._rewrite_namespaces(req)
+        self._add_dns_mount(spec)
         self._add_guest_hooks(spec)
         fault_point("namespaces")
         self._write_bundle(req, undo)
@@ -402,6 +403,16 @@ class Sandbox:
             wanted["pid"] = f"/proc/{self.state.pidns_pid}/ns/pid"
         if wanted:
             rewrite_namespaces(req.OCI, wanted)
+
+    def _add_dns_mount(self, spec) -> None:
+        """Containers see the sandbox's DNS (as docker does), unless their spec mounts their own."""
+        source = os.path.join(self.kata_root, "sandbox", "resolv.conf")
+        if not self.state or not os.path.exists(source):
+            return
+        if any(os.path.normpath(m.destination) == RESOLV_CONF for m in spec.Mounts):
+            return
+        spec.Mounts.add(destination=RESOLV_CONF, source=source, type="bind",
+                        options=["bind", "ro", "nosuid", "nodev", "noexec"])
 
     def _add_guest_hooks(self, spec) -> None:
         if not self.state or not self.state.hooks:

@@ -187,3 +187,21 @@ def test_sandbox_pidns_needed_for_container_pidns(agent, busybox_rootfs):
     code, msg = code_of(agent, "CreateContainer", {
         "container_id": "c1", "OCI": spec_json(busybox_rootfs, ["true"]), "sandbox_pidns": True})
     assert code == grpc.StatusCode.FAILED_PRECONDITION and msg.startswith("sandbox_pidns")
+
+
+def test_containers_see_the_sandbox_dns_unless_they_mount_their_own(agent, busybox_rootfs, tmp_path):
+    agent.client.call("CreateSandbox", {"hostname": "dns-host", "dns": ["nameserver 192.0.2.53"]})
+    status, out = run_sh(agent, "dns-a", busybox_rootfs, "cat /etc/resolv.conf; echo x >> /etc/resolv.conf")
+    assert out.startswith("nameserver 192.0.2.53\n")
+    assert status != 0, "the sandbox resolv.conf must be read-only in the container"
+
+    own = tmp_path / "resolv.conf"
+    own.write_text("nameserver 198.51.100.1\n")
+    mounts_ = [{"destination": "/etc/resolv.conf", "source": str(own), "type": "bind",
+                "options": ["bind", "ro"]}]
+    agent.client.call("CreateContainer", {"container_id": "dns-b", "OCI": spec_json(
+        busybox_rootfs, ["cat", "/etc/resolv.conf"], mounts=default_config([])["mounts"] + mounts_)})
+    try:
+        assert start_and_wait(agent, "dns-b") == (0, "nameserver 198.51.100.1\n")
+    finally:
+        agent.client.call("RemoveContainer", {"container_id": "dns-b"})

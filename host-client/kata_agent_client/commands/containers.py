@@ -9,6 +9,7 @@ import signal
 import sys
 import uuid
 
+import grpc
 from google.protobuf import json_format
 
 from agent.protocols import agent_pb2, oci_pb2
@@ -17,6 +18,7 @@ from kata_agent_client.spec import DEFAULT_CAPS, DEFAULT_ENV, spec_from_config
 from kata_agent_client.stdio import ProcessIO, raw_terminal
 
 GUEST_SHARED = "/run/kata-containers/shared/containers"
+SHARE_TAG = "kataShared"
 
 
 def register(sub) -> None:
@@ -28,6 +30,9 @@ def register(sub) -> None:
         p.add_argument("--shared-dir", help="host directory the guest mounts at " + GUEST_SHARED +
                        "; the rootfs is copied there (default: the qemu/ guest's, if any)")
         p.add_argument("--sandbox-pidns", action="store_true", help="join the sandbox PID namespace")
+        p.add_argument("--dns", action="append", default=[], metavar="LINE",
+                       help="resolv.conf line for the sandbox it creates in the guest, repeatable "
+                            "(e.g. 'nameserver 10.0.2.3')")
         p.add_argument("id", nargs="?", help="container id (default: a random one)")
         if name == "run":
             p.add_argument("--rm", action="store_true", help="remove the container when it exits")
@@ -117,33 +122,66 @@ def _place_rootfs(config: dict, bundle: pathlib.Path, cid: str, shared_dir: str 
     return f"{GUEST_SHARED}/{cid}/rootfs"
 
 
+def shared_dir(args) -> tuple[str | None, str]:
+    """The host directory shared with the guest, and its virtio-fs tag."""
+    info = guestfile.read_guest() or {}
+    if args.shared_dir is not None:
+        return args.shared_dir, info.get("share_tag", SHARE_TAG)
+    return info.get("shared_dir"), info.get("share_tag", SHARE_TAG)
+
+
+def ensure_sandbox(client, tag: str, hostname: str, dns: list[str]) -> None:
+    """CreateSandbox with the shared directory as a virtio-fs storage, unless one exists."""
+    request = agent_pb2.CreateSandboxRequest(
+        hostname=hostname, sandbox_id="kata-agent-ctl", dns=dns,
+        storages=[agent_pb2.Storage(driver="virtio-fs", source=tag, fstype="virtiofs",
+                                    mount_point=GUEST_SHARED)])
+    try:
+        client.call("CreateSandbox", request)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+
+
 def build_request(args, config: dict, bundle: pathlib.Path, cid: str) -> agent_pb2.CreateContainerRequest:
     if args.tty:
         config.setdefault("process", {})["terminal"] = True
-    shared = args.shared_dir
-    if shared is None:
-        info = guestfile.read_guest()
-        shared = info.get("shared_dir") if info else None
+    shared, _tag = shared_dir(args)
     config.setdefault("root", {})["path"] = _place_rootfs(config, bundle, cid, shared)
     spec = spec_from_config(config)
     return agent_pb2.CreateContainerRequest(container_id=cid, exec_id=cid, OCI=spec,
                                             sandbox_pidns=args.sandbox_pidns)
 
 
-def create(args, client) -> int:
+def _create(args, client) -> tuple[str, agent_pb2.CreateContainerRequest]:
     config, bundle = load_bundle(args.bundle)
     cid = args.id or uuid.uuid4().hex[:12]
-    client.call("CreateContainer", build_request(args, config, bundle, cid))
+    shared, tag = shared_dir(args)
+    if shared:
+        ensure_sandbox(client, tag, config.get("hostname") or "sandbox", args.dns)
+    request = build_request(args, config, bundle, cid)
+    try:
+        client.call("CreateContainer", request)
+    except BaseException:
+        _drop_rootfs_copy(shared, cid)
+        raise
+    return cid, request
+
+
+def _drop_rootfs_copy(shared: str | None, cid: str) -> None:
+    if shared:
+        shutil.rmtree(pathlib.Path(shared) / cid, ignore_errors=True)
+
+
+def create(args, client) -> int:
+    cid, _ = _create(args, client)
     print(cid)
     return 0
 
 
 def run(args, client) -> int:
-    config, bundle = load_bundle(args.bundle)
-    cid = args.id or uuid.uuid4().hex[:12]
-    request = build_request(args, config, bundle, cid)
+    cid, request = _create(args, client)
     terminal = request.OCI.Process.Terminal
-    client.call("CreateContainer", request)
     try:
         io = ProcessIO(client, cid, tty=terminal)
         if args.detach:
@@ -158,6 +196,7 @@ def run(args, client) -> int:
     finally:
         if args.rm and not args.detach:
             client.call("RemoveContainer", {"container_id": cid, "timeout": 10})
+            _drop_rootfs_copy(shared_dir(args)[0], cid)
 
 
 def exec_(args, client) -> int:
