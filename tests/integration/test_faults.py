@@ -17,7 +17,7 @@ import pytest
 from agent.protocols import agent_pb2, oci_pb2
 from tests.integration.conftest import make_busybox_rootfs
 from tests.reliability.containers import create, read_all, run, spec, status_of
-from tests.reliability.invariants import AgentState, MachineState, settle
+from tests.reliability.invariants import AgentState, Checkpoint, MachineState
 from tests.reliability.isolated import IsolatedAgent
 
 pytestmark = pytest.mark.timeout(180)
@@ -62,20 +62,14 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def clean(world):
-    before = AgentState.take(world.agent.pid)
-    cgroups = world.agent.cgroups()
+    checkpoint = Checkpoint(world.agent, world.machine)
     yield world
     for cid in CIDS:  # what a failed test left behind, so that the next one starts clean
         try:
             world.client.call("RemoveContainer", {"container_id": cid, "timeout": 5})
         except grpc.RpcError:
             pass
-    assert world.agent.alive(), world.agent.logs()[-3000:]
-    assert world.client.health() == "SERVING"
-    problems = settle(world.agent.pid, before, timeout=10)
-    assert not problems, problems
-    assert world.agent.cgroups() == cgroups
-    assert not world.machine.diff(MachineState.take())
+    checkpoint.assert_back()
 
 
 def test_container_killed_from_outside(clean):

@@ -21,7 +21,6 @@ from collections import Counter
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from agent.protocols import health_pb2
 from tests.reliability import protofuzz

@@ -20,7 +20,7 @@ from agent.protocols import agent_pb2
 from tests.integration.conftest import make_busybox_rootfs
 from tests.reliability.containers import create, run, spec, status_of
 from tests.reliability.hostile import SERVICE
-from tests.reliability.invariants import AgentState, MachineState, settle, tree_hash
+from tests.reliability.invariants import AgentState, Checkpoint, MachineState, tree_hash
 from tests.reliability.isolated import IsolatedAgent
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,17 +63,11 @@ def world(tmp_path_factory):
 def clean(world):
     """Snapshot before the test; after it, everything is back and the canary untouched."""
     world.client.health()
-    before = AgentState.take(world.agent.pid)
-    cgroups = world.agent.cgroups()
+    checkpoint = Checkpoint(world.agent, world.machine)
     canary = tree_hash(str(world.canary))
     yield world
-    assert world.agent.alive(), world.agent.logs()[-3000:]
-    assert world.client.health() == "SERVING"
-    problems = settle(world.agent.pid, before, timeout=10)
-    assert not problems, problems
-    assert world.agent.cgroups() == cgroups
+    checkpoint.assert_back()
     assert tree_hash(str(world.canary)) == canary, "the canary directory outside was changed"
-    assert not world.machine.diff(MachineState.take())
 
 
 def _id_requests(bad: str):

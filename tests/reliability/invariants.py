@@ -186,3 +186,20 @@ class MachineState:
             if gone:
                 out.append(f"machine {name} changed or removed: {sorted(gone)}")
         return out
+
+
+class Checkpoint:
+    """The agent's state (and the machine's) now; ``assert_back()`` fails on anything left over."""
+
+    def __init__(self, agent, machine: MachineState) -> None:
+        self.agent, self.machine = agent, machine
+        self.state = AgentState.take(agent.pid)
+        self.cgroups = agent.cgroups()
+
+    def assert_back(self, timeout: float = 10) -> None:
+        assert self.agent.alive(), self.agent.logs()[-3000:]
+        assert self.agent.client.health() == "SERVING"
+        problems = settle(self.agent.pid, self.state, timeout=timeout)
+        assert not problems, problems
+        assert self.agent.cgroups() == self.cgroups
+        assert not self.machine.diff(MachineState.take())
