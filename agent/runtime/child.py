@@ -68,12 +68,11 @@ def _step(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 # --- entry points (called in the spawner's forked child) ----------------------------------------
 
-def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], procs: list[str]) -> NoReturn:
+def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], cgroup: dict[str, Any]) -> NoReturn:
     """The intermediate child of a CreateContainer: join, unshare, fork the init, report its pid.
 
-    Moving a process into a v1 cgroup costs an RCU grace period (~18 ms here), so the
-    intermediate moves the init while the init sets up its rootfs; the init waits for that (EOF
-    on ``joined``) before it unshares a cgroup namespace or reports ready.
+    The init starts in its cgroup without a migration by the agent (see ``_fork_into``), so
+    no RCU grace period is paid: a v1 ``cgroup.procs`` write costs ~14 ms here.
     """
     try:
         _join_paths(cfg["namespaces"])
@@ -83,39 +82,38 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], 
                 flags |= flag
         _step("unshare", linux.unshare, flags)
         # Opened before the fork: the init's pivot_root changes this process's root too.
-        cgroup_fds = [_step(f"join cgroup {path}", os.open, path, os.O_WRONLY) for path in procs]
-        joined_r, joined_w = os.pipe()
-        pid = os.fork()
+        target = _open_cgroup(cgroup)
+        reported_r, reported_w = os.pipe()  # EOF: the agent has the init's pid
+        pid = _fork_into(target)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
     if pid == 0:
-        os.close(joined_w)
-        _container_init(cfg, sync, stdio, joined_r)
-    os.close(joined_r)
-    try:
-        for path, fd in zip(procs, cgroup_fds):
-            _step(f"join cgroup {path}", os.write, fd, str(pid).encode())
-    except SetupError as exc:
-        os.kill(pid, signal.SIGKILL)
-        fail(sync, str(exc))
+        try:
+            _enter_cgroup(target)
+        except SetupError as exc:
+            fail(sync, str(exc))
+        os.close(reported_w)
+        _container_init(cfg, sync, stdio, reported_r)
     send(sync, {"pid": pid})
+    os.close(reported_w)
     os._exit(0)
 
 
-def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], procs: list[str]) -> NoReturn:
+def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], cgroup: dict[str, Any]) -> NoReturn:
     """The intermediate child of an ExecProcess: join the init's namespaces, cgroup and root."""
     init = req["init_pid"]
     try:
         root = _step("open the container's root", os.open, f"/proc/{init}/root", os.O_DIRECTORY | os.O_RDONLY)
         ns_fds = _open_namespaces(init)
-        _join_cgroup(procs)
+        target = _open_cgroup(cgroup)
         for name, fd, flag in ns_fds:
             _step(f"setns {name}", linux.setns, fd, flag)
-        pid = os.fork()
+        pid = _fork_into(target)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
     if pid == 0:
         try:
+            _enter_cgroup(target)
             _step("enter the container's root", os.fchdir, root)
             _step("chroot", os.chroot, ".")
             os.close(root)
@@ -151,14 +149,51 @@ def _join_paths(namespaces: list[list[Any]]) -> None:
             os.close(fd)
 
 
-def _join_cgroup(procs: list[str]) -> None:
-    me = str(os.getpid())
-    for path in procs:
-        fd = _step(f"join cgroup {path}", os.open, path, os.O_WRONLY)
+class _CgroupTarget:
+    """Open fds of a container's cgroup: the v2 directory (or -1) and the v1 ``tasks`` files."""
+
+    def __init__(self, v2_dir: int, v2_procs: str, v1_tasks: list[tuple[str, int]]) -> None:
+        self.v2_dir, self.v2_procs, self.v1_tasks = v2_dir, v2_procs, v1_tasks
+        self.forked_into_v2 = False
+
+
+def _open_cgroup(cgroup: dict[str, Any] | None) -> _CgroupTarget:
+    cgroup = cgroup or {}
+    v2 = cgroup.get("v2") or ""
+    v2_dir = _step(f"join cgroup {v2}", os.open, v2, os.O_RDONLY | os.O_DIRECTORY) if v2 else -1
+    tasks = [(d, _step(f"join cgroup {d}", os.open, os.path.join(d, "tasks"), os.O_WRONLY))
+             for d in cgroup.get("v1", [])]
+    return _CgroupTarget(v2_dir, os.path.join(v2, "cgroup.procs") if v2 else "", tasks)
+
+
+def _fork_into(target: _CgroupTarget) -> int:
+    """Fork; on cgroup v2 the child is born in its cgroup (clone3 CLONE_INTO_CGROUP)."""
+    if target.v2_dir >= 0:
         try:
-            _step(f"join cgroup {path}", os.write, fd, me.encode())
-        finally:
-            os.close(fd)
+            pid = linux.fork_into_cgroup(target.v2_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.E2BIG, errno.EINVAL):
+                raise SetupError(f"clone3 into {target.v2_procs}: {exc.strerror}") from None
+        else:
+            target.forked_into_v2 = True
+            return pid
+    return os.fork()
+
+
+def _enter_cgroup(target: _CgroupTarget) -> None:
+    """In the (single-threaded) child: join the v1 hierarchies, and v2 if clone3 could not.
+
+    A task that moves itself by writing "0" to a v1 ``tasks`` file migrates one thread and
+    skips the global threadgroup lock, whose write side waits for an RCU grace period.
+    """
+    for d, fd in target.v1_tasks:
+        _step(f"join cgroup {d}", os.write, fd, b"0")
+        os.close(fd)
+    if target.v2_dir >= 0:
+        if not target.forked_into_v2:
+            with open(target.v2_procs, "w") as f:
+                _step(f"join cgroup {target.v2_procs}", f.write, "0")
+        os.close(target.v2_dir)
 
 
 def _open_namespaces(pid: int) -> list[tuple[str, int, int]]:
@@ -177,33 +212,27 @@ def _open_namespaces(pid: int) -> list[tuple[str, int, int]]:
 
 # --- the container init -------------------------------------------------------------------------
 
-def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], joined: int) -> NoReturn:
+def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], reported: int) -> NoReturn:
     try:
         os.umask(0)
         proc = cfg["process"]
-        cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
-        if cgroupns:
-            _wait_joined(joined)
+        if _new_ns(cfg, linux.CLONE_NEWCGROUP):
             _step("unshare cgroup", linux.unshare, linux.CLONE_NEWCGROUP)
-        _setup_stdio(stdio, proc["terminal"], sync, keep=joined)
+        _setup_stdio(stdio, proc["terminal"], sync, keep=reported)
         _prepare_rootfs(cfg, proc["terminal"])
         _pivot(cfg["rootfs"])
         _finish_rootfs(cfg)
         if cfg["hostname"] and _new_ns(cfg, linux.CLONE_NEWUTS):
             _step("sethostname", linux.sethostname, cfg["hostname"])
-        if not cgroupns:
-            _wait_joined(joined)
-        _exec_process(proc, sync, stdio=None, wait_start=True)
+        _exec_process(proc, sync, stdio=None, wait_start=True, reported=reported)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
 
 
-def _wait_joined(fd: int) -> None:
-    """Block until the intermediate has put this process in its cgroup (and exited)."""
-    if fd >= 0:
-        while os.read(fd, 1):
-            pass
-        os.close(fd)
+def _wait_eof(fd: int) -> None:
+    while os.read(fd, 1):
+        pass
+    os.close(fd)
 
 
 def _new_ns(cfg: dict[str, Any], flag: int) -> bool:
@@ -436,7 +465,8 @@ def _mask(path: str) -> None:
 
 # --- the process --------------------------------------------------------------------------------
 
-def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | None, wait_start: bool) -> NoReturn:
+def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | None, wait_start: bool,
+                  reported: int = -1) -> NoReturn:
     if stdio is not None:
         _setup_stdio(stdio, proc["terminal"], sync)
     if proc["oom_score_adj"] is not None:
@@ -454,6 +484,8 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
     os.umask(proc["umask"])
     if proc["no_new_privileges"]:
         _step("no_new_privs", linux.prctl, linux.PR_SET_NO_NEW_PRIVS, 1)
+    if reported >= 0:
+        _wait_eof(reported)  # the pid message goes first
     if wait_start:
         send(sync, {"ready": True})
         if sync.recv(16) != b"start":

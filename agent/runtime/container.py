@@ -127,10 +127,9 @@ class Runtime:
         """
         async with UndoStack() as undo:
             cg = self._create_cgroup(cfg, resources, undo)
-            procs = cg.procs_files() if cg is not None else []
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
             undo.push("close stdio", stdio.close)
-            req = {"op": "create", "config": dataclasses.asdict(cfg), "procs": procs}
+            req = {"op": "create", "config": dataclasses.asdict(cfg), "cgroup": _cgroup_dirs(cg)}
             try:
                 sync = self.spawner.request(req, child_fds)
             finally:
@@ -193,8 +192,8 @@ class Runtime:
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
-        procs = c.cgroup.procs_files() if c.cgroup is not None else []
-        req = {"op": "exec", "init_pid": c.init_pid, "process": dataclasses.asdict(proc_cfg), "procs": procs}
+        req = {"op": "exec", "init_pid": c.init_pid, "process": dataclasses.asdict(proc_cfg),
+               "cgroup": _cgroup_dirs(c.cgroup)}
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
             try:
@@ -283,6 +282,19 @@ class Runtime:
                 await self.remove(cid)
             except Exception:  # noqa: BLE001 - remove the others too
                 log.exception("remove failed", extra={"fields": {"container_id": cid}})
+
+
+def _cgroup_dirs(cg: Any) -> dict[str, Any]:
+    """The directories a new process of ``cg`` joins: {"v1": [dirs], "v2": dir or ""}."""
+    if cg is None:
+        return {"v1": [], "v2": ""}
+    out: dict[str, Any] = {"v1": [], "v2": ""}
+    for root, directory in zip(cg.manager.layout.roots(), cg.dirs):
+        if root == cg.manager.layout.v2:
+            out["v2"] = directory
+        else:
+            out["v1"].append(directory)
+    return out
 
 
 def _classify(what: str, message: str) -> Exception:

