@@ -217,6 +217,21 @@ def _validate_linux(lx: oci_pb2.Linux) -> None:
         raise InvalidArgument("OCI.Linux.Seccomp: seccomp filters are not supported by this agent")
 
 
+def _validate_hooks(hooks: oci_pb2.Hooks) -> None:
+    for name in ("CreateContainer", "StartContainer"):
+        if getattr(hooks, name):
+            raise InvalidArgument(f"OCI.Hooks.{name}: hooks that run inside the container's namespaces "
+                                  "are not supported")
+    for name in ("Prestart", "CreateRuntime", "Poststart", "Poststop"):
+        for i, hook in enumerate(getattr(hooks, name)):
+            _require_abs(hook.Path, f"OCI.Hooks.{name}[{i}].Path")
+            if hook.Timeout < 0:
+                raise InvalidArgument(f"OCI.Hooks.{name}[{i}].Timeout: {hook.Timeout} is negative")
+            for j, env in enumerate(hook.Env):
+                if "=" not in env or "\0" in env:
+                    raise InvalidArgument(f"OCI.Hooks.{name}[{i}].Env[{j}]: {env!r} is not NAME=VALUE")
+
+
 def validate(spec: oci_pb2.Spec) -> None:
     """Raise InvalidArgument naming the first field the runtime cannot honour."""
     if not spec.HasField("Process"):
@@ -231,6 +246,8 @@ def validate(spec: oci_pb2.Spec) -> None:
         raise InvalidArgument(f"OCI.Hostname: {spec.Hostname!r} is not a valid host name")
     if spec.HasField("Linux"):
         _validate_linux(spec.Linux)
+    if spec.HasField("Hooks"):
+        _validate_hooks(spec.Hooks)
     if spec.Hostname and not any(ns.Type == "uts" for ns in spec.Linux.Namespaces):
         raise InvalidArgument("OCI.Hostname: set, but the container has no uts namespace")
 
@@ -308,6 +325,26 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Con
         root_propagation=PROPAGATION.get(lx.RootfsPropagation, linux.MS_PRIVATE | linux.MS_REC),
         cgroups_path=lx.CgroupsPath,
     )
+
+
+def cgroup_resources(spec: oci_pb2.Spec) -> oci_pb2.LinuxResources | None:
+    """Linux.Resources plus, as runc does, an "rwm" allow rule for each device of Linux.Devices.
+
+    The rules are added only when the spec has device rules (else nothing is restricted).
+    """
+    if not spec.Linux.HasField("Resources"):
+        return None
+    res = spec.Linux.Resources
+    if not res.Devices or not spec.Linux.Devices:
+        return res
+    out = oci_pb2.LinuxResources()
+    out.CopyFrom(res)
+    for dev in spec.Linux.Devices:
+        if dev.Type == "p":
+            continue  # a fifo is not a device the cgroup controls
+        out.Devices.add(Allow=True, Type="b" if dev.Type == "b" else "c", Major=dev.Major, Minor=dev.Minor,
+                        Access="rwm")
+    return out
 
 
 def string_user(user) -> str:

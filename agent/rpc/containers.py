@@ -21,12 +21,15 @@ EMPTY = empty_pb2.Empty
 async def setup(agent) -> None:
     if agent.spawner is None:
         raise RuntimeError("no spawner: agent.runtime.spawner.start_spawner() did not run")
-    agent.runtime = Runtime(agent.spawner, agent.config.run_dir)
+    from agent import sandbox as sandbox_mod  # imported here: the runtime does not need it
+
+    agent.runtime = Runtime(agent.spawner, agent.config.run_dir, hook_runner=sandbox_mod.run_hooks)
 
 
 async def teardown(agent) -> None:
     if agent.runtime is not None:
         await agent.runtime.remove_all()
+        agent.runtime.close()
 
 
 def _exec_id(request) -> str:
@@ -43,8 +46,10 @@ async def create_container(agent, request, context):
                 await agent.sandbox.prepare_container(request, undo)
                 oci.validate(request.OCI)  # what the sandbox rewrote must still hold
             cfg = oci.convert(request.OCI, cid, oci.string_user(request.string_user))
-            resources = request.OCI.Linux.Resources if request.OCI.Linux.HasField("Resources") else None
-            container = await agent.runtime.create(cfg, resources)
+            resources = oci.cgroup_resources(request.OCI)
+            hooks = request.OCI.Hooks if request.OCI.HasField("Hooks") else None
+            container = await agent.runtime.create(cfg, resources, hooks=hooks, oci_version=request.OCI.Version,
+                                                   annotations=dict(request.OCI.Annotations))
             container.cleanup = undo.commit()
     log.info("container created", extra={"fields": {"container_id": cid, "pid": container.init_pid}})
     return EMPTY()

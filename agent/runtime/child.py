@@ -498,11 +498,11 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
 
 
 def _reset_signals() -> None:
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
+    """Un-ignore signals (exec resets caught ones itself) and unblock all."""
+    for sig in signal.valid_signals():
         try:
-            signal.signal(sig, signal.SIG_DFL)
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
             pass
     signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -66,6 +66,16 @@ class Container:
     paused: bool = False
     processes: dict[str, Process] = field(default_factory=dict)
     cleanup: list = field(default_factory=list)  # undo actions of CreateContainer, run at removal
+    hooks: Any = None  # the spec's Hooks message (None: no hooks)
+    oci_version: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    removing: bool = False  # killed and reaped; only the cgroup (or cleanup) is left to remove
+
+    def state(self, status: str | None = None) -> dict[str, Any]:
+        """The OCI state of the container, as hooks read it on stdin."""
+        return {"ociVersion": self.oci_version or "1.0.2", "id": self.id, "status": status or self.status,
+                "pid": self.init.pid, "bundle": os.path.dirname(self.config.rootfs),
+                "annotations": dict(self.annotations)}
 
     @property
     def init_pid(self) -> int:
@@ -89,10 +99,19 @@ class Container:
         return proc
 
 
+# Hook lists of the spec, by the lifecycle point where the runtime runs them (in the agent's
+# namespaces). CreateContainer/StartContainer hooks run inside the container: oci.validate refuses them.
+HOOKS_AT = {"create": ("Prestart", "CreateRuntime"), "start": ("Poststart",), "remove": ("Poststop",)}
+HOOK_STAGE = {"Prestart": "prestart", "CreateRuntime": "createRuntime", "Poststart": "poststart",
+              "Poststop": "poststop"}
+
+
 class Runtime:
-    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run") -> None:
+    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", hook_runner: Any = None) -> None:
         self.spawner = spawner
         self.run_dir = run_dir
+        # async (hooks, state, stage): agent.sandbox.run_hooks; None runs no hooks
+        self.hook_runner = hook_runner
         self.containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
         detect = getattr(cgroups_mod, "detect", None)  # None while that module is being written
@@ -120,10 +139,12 @@ class Runtime:
             self._reserved.discard(cid)
 
     # --- create / start ---
-    async def create(self, cfg: ContainerConfig, resources: Any = None) -> Container:
+    async def create(self, cfg: ContainerConfig, resources: Any = None, hooks: Any = None,
+                     oci_version: str = "", annotations: dict[str, str] | None = None) -> Container:
         """Create the container: its init waits in its namespaces and rootfs for ``start``.
 
-        Either it is created and registered, or everything it did is undone.
+        Prestart and CreateRuntime hooks run once the init waits there. Either it is created
+        and registered, or everything it did is undone.
         """
         async with UndoStack() as undo:
             cg = self._create_cgroup(cfg, resources, undo)
@@ -142,10 +163,20 @@ class Runtime:
             reply = await spawner_mod.receive(sync)
             if reply is None or "error" in reply:
                 raise self._setup_error(reply, init)
-            c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync)
+            c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync, hooks=hooks, oci_version=oci_version,
+                          annotations=dict(annotations or {}))
+            await self._run_hooks(c, "create", "creating")
             self.containers[cfg.id] = c
             undo.commit()  # from here on, remove() takes it all back
         return c
+
+    async def _run_hooks(self, c: Container, point: str, status: str) -> None:
+        if c.hooks is None or self.hook_runner is None:
+            return
+        for name in HOOKS_AT[point]:
+            hooks = list(getattr(c.hooks, name))
+            if hooks:
+                await self.hook_runner(hooks, c.state(status), HOOK_STAGE[name])
 
     def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
         if self.cgroups is None:
@@ -181,6 +212,7 @@ class Runtime:
             reply = await spawner_mod.receive(sync)
         if reply is not None:
             raise _classify("start", reply.get("error", "unexpected reply"))
+        await self._run_hooks(c, "start", "running")
 
     # --- exec ---
     async def exec(self, cid: str, exec_id: str, proc_cfg: ProcessConfig) -> Process:
@@ -230,9 +262,9 @@ class Runtime:
             pass
 
     def _kill_all(self, c: Container) -> None:
-        pids = set(c.cgroup.pids()) if c.cgroup is not None else set()
-        pids |= {p.pid for p in (c.init, *c.processes.values()) if p.running}
-        for pid in pids:
+        if c.cgroup is not None:
+            c.cgroup.kill_all(signal.SIGKILL)  # also thaws a frozen cgroup so that they die
+        for pid in {p.pid for p in (c.init, *c.processes.values()) if p.running}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -251,22 +283,15 @@ class Runtime:
 
     # --- remove ---
     async def remove(self, cid: str, timeout: float = 0) -> None:
+        """Kill, reap, remove the cgroup, undo CreateContainer's steps, forget, run Poststop.
+
+        When the cgroup cannot be removed (FAILED_PRECONDITION), the container stays
+        registered, stopped, so that RemoveContainer can be called again.
+        """
         c = self.get(cid)
-        if timeout and c.init.running:
-            try:
-                os.kill(c.init.pid, signal.SIGTERM)
-                await asyncio.wait_for(asyncio.shield(c.init.exited), timeout)
-            except (ProcessLookupError, asyncio.TimeoutError):
-                pass
-        if c.paused and c.cgroup is not None and hasattr(c.cgroup, "thaw"):
-            c.cgroup.thaw()
-        self._kill_all(c)
-        for proc in (c.init, *c.processes.values()):
-            await self._kill_and_reap(proc)
-        for proc in (c.init, *c.processes.values()):
-            proc.stdio.close()
-        if c.sync is not None:
-            c.sync.close()
+        if not c.removing:
+            await self._stop(c, timeout)
+            c.removing = True
         if c.cgroup is not None:
             c.cgroup.destroy()
         self.containers.pop(cid, None)
@@ -275,6 +300,23 @@ class Runtime:
             undo.push(what, action)
         await undo.rollback()
         log.info("container removed", extra={"fields": {"container_id": cid}})
+        await self._run_hooks(c, "remove", "stopped")
+
+    async def _stop(self, c: Container, timeout: float) -> None:
+        if timeout and c.init.running:
+            try:
+                os.kill(c.init.pid, signal.SIGTERM)
+                await asyncio.wait_for(asyncio.shield(c.init.exited), timeout)
+            except (ProcessLookupError, asyncio.TimeoutError):
+                pass
+        self._kill_all(c)
+        for proc in (c.init, *c.processes.values()):
+            await self._kill_and_reap(proc)
+        for proc in (c.init, *c.processes.values()):
+            proc.stdio.close()
+        if c.sync is not None:
+            c.sync.close()
+            c.sync = None
 
     async def remove_all(self) -> None:
         for cid in list(self.containers):
@@ -282,6 +324,10 @@ class Runtime:
                 await self.remove(cid)
             except Exception:  # noqa: BLE001 - remove the others too
                 log.exception("remove failed", extra={"fields": {"container_id": cid}})
+
+    def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.close()
 
 
 def _cgroup_dirs(cg: Any) -> dict[str, Any]:
