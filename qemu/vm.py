@@ -133,11 +133,13 @@ class Guest:
     cpu: str | None = None
     memory: str = ""                    # default 512M (x86_64) / 1G (aarch64)
     smp: int = 0                        # default 1 (x86_64) / 2 (aarch64)
+    maxcpus: int = 0                    # > smp: room for CPU hotplug (device_add of a CPU)
     image: Path | None = None           # directory with manifest.json
     share_dir: Path | None = None       # host directory shared over virtio-fs
     virtiofs: bool | None = None        # None: whenever virtiofsd exists
     debug_console: bool = False
     cmdline: str = ""                   # extra kernel command line
+    extra_args: list[str] = field(default_factory=list)  # extra QEMU arguments (e.g. root ports)
     run_dir: Path | None = None
     addr_file: Path | None = None       # write the address file here (the CLI's well-known one)
     boot_timeout: float = 120.0
@@ -226,7 +228,8 @@ class Guest:
         if mem_backend:
             mach += ",memory-backend=mem"
         argv = [qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-                "-machine", mach, "-accel", accel, "-m", memory, "-smp", str(smp),
+                "-machine", mach, "-accel", accel, "-m", memory,
+                "-smp", f"{smp},maxcpus={self.maxcpus}" if self.maxcpus > smp else str(smp),
                 "-kernel", kernel, "-initrd", initrd, "-append", " ".join(a for a in append if a),
                 "-serial", f"file:{self.console_log}",
                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
@@ -245,6 +248,7 @@ class Guest:
         if self.debug_console:
             argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
                      "-device", dev("virtio-serial"), "-device", "virtconsole,chardev=shell"]
+        argv += list(self.extra_args)
         if os.path.exists("/dev/vhost-vsock") and not mmio:
             argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + os.getpid() % 100000}"]
         return argv
