@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from agent import linux
 from agent.errors import InvalidArgument
 from agent.protocols import oci_pb2
+from agent.runtime import seccomp as seccomp_mod
 
 NAMESPACES = {
     "pid": linux.CLONE_NEWPID, "network": linux.CLONE_NEWNET, "mount": linux.CLONE_NEWNS,
@@ -113,6 +114,21 @@ class ProcessConfig:
 
 
 @dataclass
+class SyscallRule:
+    names: list[str]
+    action: int  # libseccomp action code, errno included
+    args: list[tuple[int, int, int, int]] = field(default_factory=list)  # (index, operator, value, value2)
+
+
+@dataclass
+class SeccompConfig:
+    default_action: int
+    architectures: list[str] = field(default_factory=list)  # libseccomp names: x86_64, aarch64, ...
+    flags: list[int] = field(default_factory=list)  # libseccomp filter attributes to set
+    syscalls: list[SyscallRule] = field(default_factory=list)
+
+
+@dataclass
 class ContainerConfig:
     id: str
     rootfs: str
@@ -129,6 +145,7 @@ class ContainerConfig:
     sysctl: dict[str, str] = field(default_factory=dict)
     root_propagation: int = linux.MS_PRIVATE | linux.MS_REC
     cgroups_path: str = ""
+    seccomp: SeccompConfig | None = None
 
     def new_namespace(self, flag: int) -> bool:
         return any(f == flag and not path for f, path in self.namespaces)
@@ -213,8 +230,48 @@ def _validate_linux(lx: oci_pb2.Linux) -> None:
     for key in lx.Sysctl:
         if not key or "/" in key or ".." in key.split("."):
             raise InvalidArgument(f"OCI.Linux.Sysctl[{key!r}]: not a sysctl name")
-    if lx.HasField("Seccomp") and (lx.Seccomp.DefaultAction or lx.Seccomp.Syscalls):
-        raise InvalidArgument("OCI.Linux.Seccomp: seccomp filters are not supported by this agent")
+    if has_seccomp(lx):
+        _validate_seccomp(lx.Seccomp)
+
+
+def has_seccomp(lx: oci_pb2.Linux) -> bool:
+    sc = lx.Seccomp
+    return lx.HasField("Seccomp") and bool(sc.DefaultAction or sc.Syscalls or sc.Architectures or sc.Flags)
+
+
+def _validate_action(action: str, where: str) -> None:
+    if action == "SCMP_ACT_NOTIFY":
+        raise InvalidArgument(f"{where}: SCMP_ACT_NOTIFY (a seccomp agent) is not supported")
+    if action not in seccomp_mod.ACTIONS:
+        raise InvalidArgument(f"{where}: unknown seccomp action {action!r}")
+
+
+def _validate_seccomp(sc: oci_pb2.LinuxSeccomp) -> None:
+    where = "OCI.Linux.Seccomp"
+    _validate_action(sc.DefaultAction, f"{where}.DefaultAction")
+    for i, arch in enumerate(sc.Architectures):
+        if arch not in seccomp_mod.ARCHES:
+            raise InvalidArgument(f"{where}.Architectures[{i}]: unknown architecture {arch!r}")
+    for i, flag in enumerate(sc.Flags):
+        if flag not in seccomp_mod.FLAGS:
+            raise InvalidArgument(f"{where}.Flags[{i}]: unsupported flag {flag!r}")
+    for i, call in enumerate(sc.Syscalls):
+        at = f"{where}.Syscalls[{i}]"
+        if not call.Names:
+            raise InvalidArgument(f"{at}.Names: empty")
+        for j, name in enumerate(call.Names):
+            if not seccomp_mod.SYSCALL_NAME.match(name):
+                raise InvalidArgument(f"{at}.Names[{j}]: {name!r} is not a system call name")
+        _validate_action(call.Action, f"{at}.Action")
+        if call.errnoret > 0xFFFF:
+            raise InvalidArgument(f"{at}.errnoret: {call.errnoret} is above 65535")
+        if len(call.Args) > seccomp_mod.MAX_ARGS:
+            raise InvalidArgument(f"{at}.Args: more than {seccomp_mod.MAX_ARGS} comparisons")
+        for j, arg in enumerate(call.Args):
+            if arg.Index >= seccomp_mod.MAX_ARGS:
+                raise InvalidArgument(f"{at}.Args[{j}].Index: {arg.Index} is not below {seccomp_mod.MAX_ARGS}")
+            if arg.Op not in seccomp_mod.OPERATORS:
+                raise InvalidArgument(f"{at}.Args[{j}].Op: unknown operator {arg.Op!r}")
 
 
 def _validate_hooks(hooks: oci_pb2.Hooks) -> None:
@@ -324,7 +381,18 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Con
         sysctl=dict(lx.Sysctl),
         root_propagation=PROPAGATION.get(lx.RootfsPropagation, linux.MS_PRIVATE | linux.MS_REC),
         cgroups_path=lx.CgroupsPath,
+        seccomp=convert_seccomp(lx.Seccomp) if has_seccomp(lx) else None,
     )
+
+
+def convert_seccomp(sc: oci_pb2.LinuxSeccomp) -> SeccompConfig:
+    return SeccompConfig(
+        default_action=seccomp_mod.action_code(sc.DefaultAction, 0),
+        architectures=[seccomp_mod.ARCHES[a] for a in sc.Architectures],
+        flags=[seccomp_mod.FLAGS[f] for f in sc.Flags],
+        syscalls=[SyscallRule(names=list(c.Names), action=seccomp_mod.action_code(c.Action, c.errnoret),
+                              args=[(a.Index, seccomp_mod.OPERATORS[a.Op], a.Value, a.ValueTwo) for a in c.Args])
+                  for c in sc.Syscalls])
 
 
 def cgroup_resources(spec: oci_pb2.Spec) -> oci_pb2.LinuxResources | None:

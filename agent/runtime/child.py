@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from agent import linux
+from agent.runtime import seccomp
 from agent.runtime.paths import mkdir_all, secure_join
 
 DEFAULT_DEVICES = [("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7),
@@ -117,7 +118,7 @@ def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], cgrou
             _step("enter the container's root", os.fchdir, root)
             _step("chroot", os.chroot, ".")
             os.close(root)
-            _exec_process(req["process"], sync, stdio, wait_start=False)
+            _exec_process(req["process"], sync, stdio, wait_start=False, seccomp_cfg=req.get("seccomp"))
         except (OSError, SetupError) as exc:
             fail(sync, str(exc))
     send(sync, {"pid": pid})
@@ -224,7 +225,7 @@ def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], 
         _finish_rootfs(cfg)
         if cfg["hostname"] and _new_ns(cfg, linux.CLONE_NEWUTS):
             _step("sethostname", linux.sethostname, cfg["hostname"])
-        _exec_process(proc, sync, stdio=None, wait_start=True, reported=reported)
+        _exec_process(proc, sync, stdio=None, wait_start=True, reported=reported, seccomp_cfg=cfg.get("seccomp"))
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
 
@@ -466,7 +467,7 @@ def _mask(path: str) -> None:
 # --- the process --------------------------------------------------------------------------------
 
 def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | None, wait_start: bool,
-                  reported: int = -1) -> NoReturn:
+                  reported: int = -1, seccomp_cfg: dict[str, Any] | None = None) -> NoReturn:
     if stdio is not None:
         _setup_stdio(stdio, proc["terminal"], sync)
     if proc["oom_score_adj"] is not None:
@@ -476,13 +477,17 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
         _step(f"setrlimit {res}", resource.setrlimit, res, (soft, hard))
     user = resolve_user(proc)
     env = _environment(proc["env"], user.home)
+    nnp = proc["no_new_privileges"]
+    filt = _step_seccomp(seccomp.build, seccomp_cfg) if seccomp_cfg else None
+    if filt is not None and not nnp:
+        _step_seccomp(seccomp.load, filt)  # needs CAP_SYS_ADMIN: before the capabilities go
     _become(user, proc)
     try:
         os.chdir(proc["cwd"])
     except OSError as exc:
         raise SetupError(f"chdir {proc['cwd']}: {exc.strerror}") from None
     os.umask(proc["umask"])
-    if proc["no_new_privileges"]:
+    if nnp:
         _step("no_new_privs", linux.prctl, linux.PR_SET_NO_NEW_PRIVS, 1)
     if reported >= 0:
         _wait_eof(reported)  # the pid message goes first
@@ -491,10 +496,22 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
         if sync.recv(16) != b"start":
             os._exit(1)  # the agent gave up on this container
     _reset_signals()
+    if filt is not None and nnp:
+        try:
+            seccomp.load(filt)  # as late as possible: the filter sees only exec from here
+        except seccomp.SeccompError as exc:
+            fail(sync, str(exc))
     try:
         os.execvpe(proc["args"][0], proc["args"], env)
     except OSError as exc:
         fail(sync, f"exec {proc['args'][0]}: {exc.strerror}", 127)
+
+
+def _step_seccomp(fn: Callable[..., Any], arg: Any) -> Any:
+    try:
+        return fn(arg)
+    except seccomp.SeccompError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def _reset_signals() -> None:

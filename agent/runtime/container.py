@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci import ContainerConfig, ProcessConfig
+from agent.runtime import seccomp
 from agent.runtime import spawner as spawner_mod
 from agent.runtime.reaper import REAPER, exit_code
 from agent.stdio import Stdio
@@ -146,6 +147,8 @@ class Runtime:
         Prestart and CreateRuntime hooks run once the init waits there. Either it is created
         and registered, or everything it did is undone.
         """
+        if cfg.seccomp is not None and not seccomp.available():
+            raise FailedPrecondition("OCI.Linux.Seccomp: libseccomp.so.2 (package libseccomp2) is not installed")
         async with UndoStack() as undo:
             cg = self._create_cgroup(cfg, resources, undo)
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
@@ -225,7 +228,8 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is not started")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
         req = {"op": "exec", "init_pid": c.init_pid, "process": dataclasses.asdict(proc_cfg),
-               "cgroup": _cgroup_dirs(c.cgroup)}
+               "cgroup": _cgroup_dirs(c.cgroup),
+               "seccomp": dataclasses.asdict(c.config.seccomp) if c.config.seccomp is not None else None}
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
             try:

@@ -144,6 +144,9 @@ def main() -> None:
         if os.getppid() == 1 and os.getpid() != 1:
             os._exit(0)  # the agent died before PR_SET_PDEATHSIG took hold
         _import_tasks()
+        from agent.runtime import seccomp
+
+        seccomp.preload()  # mapped before any child pivots into a rootfs without it
         sock = socket.socket(fileno=SPAWNER_FD)
         os.set_inheritable(SPAWNER_FD, False)
         _serve(sock)

@@ -85,3 +85,12 @@ def test_non_root_user_matches_runc(agent, busybox_rootfs, container_id, tmp_pat
         cfg["hostname"] = "diffhost"
 
     compare(agent, tmp_path, busybox_rootfs, container_id, adjust)
+
+
+def test_seccomp_and_no_new_privs_match_runc(agent, busybox_rootfs, container_id, tmp_path):
+    def adjust(cfg):
+        cfg["process"]["noNewPrivileges"] = True
+        cfg["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+                                   "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
+
+    compare(agent, tmp_path, busybox_rootfs, container_id, adjust)

@@ -51,7 +51,26 @@ def test_default_spec_is_valid_and_converts():
     ({"linux.namespaces": [{"type": "pid"}, {"type": "mount"}]}, "OCI.Hostname"),
     ({"linux.rootfsPropagation": "sideways"}, "OCI.Linux.RootfsPropagation"),
     ({"linux.devices": [{"path": "/dev/x", "type": "q"}]}, "OCI.Linux.Devices[0].Type"),
-    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}, "OCI.Linux.Seccomp"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_BOGUS"}}, "OCI.Linux.Seccomp.DefaultAction"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_NOTIFY"}}, "SCMP_ACT_NOTIFY"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_Z80"]}},
+     "OCI.Linux.Seccomp.Architectures[0]"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "flags": ["SECCOMP_FILTER_FLAG_BOGUS"]}},
+     "OCI.Linux.Seccomp.Flags[0]"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": [], "action": "SCMP_ACT_ERRNO"}]}},
+     "OCI.Linux.Seccomp.Syscalls[0].Names: empty"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["Mk/dir"], "action": "SCMP_ACT_ERRNO"}]}},
+     "OCI.Linux.Seccomp.Syscalls[0].Names[0]"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOPE"}]}},
+     "OCI.Linux.Seccomp.Syscalls[0].Action"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 6, "op": "SCMP_CMP_EQ"}]}]}},
+     "OCI.Linux.Seccomp.Syscalls[0].Args[0].Index"),
+    ({"linux.seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 1, "op": "SCMP_CMP_ABOUT"}]}]}},
+     "OCI.Linux.Seccomp.Syscalls[0].Args[0].Op"),
+    ({"hooks": {"startContainer": [{"path": "/bin/true"}]}}, "OCI.Hooks.StartContainer"),
+    ({"hooks": {"prestart": [{"path": "true"}]}}, "OCI.Hooks.Prestart[0].Path"),
     ({"linux.maskedPaths": ["proc/kcore"]}, "OCI.Linux.MaskedPaths[0]"),
 ])
 def test_validate_names_the_field(change, message):
@@ -103,3 +122,24 @@ def test_unlimited_rlimit():
     import resource
 
     assert oci.convert(s, "c").process.rlimits == [(4, resource.RLIM_INFINITY, resource.RLIM_INFINITY)]
+
+
+def test_seccomp_conversion():
+    s = spec(**{"linux.seccomp": {
+        "defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"],
+        "flags": ["SECCOMP_FILTER_FLAG_LOG"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13,
+                      "args": [{"index": 1, "value": 448, "op": "SCMP_CMP_EQ"}]},
+                     {"names": ["chmod"], "action": "SCMP_ACT_ERRNO"},
+                     {"names": ["reboot"], "action": "SCMP_ACT_KILL_PROCESS"}]}})
+    oci.validate(s)
+    cfg = oci.convert(s, "c1").seccomp
+    assert cfg.default_action == 0x7FFF0000
+    assert cfg.architectures == ["x86_64", "aarch64"] and cfg.flags == [6]
+    assert cfg.syscalls[0].names == ["mkdir", "mkdirat"]
+    assert cfg.syscalls[0].action == 0x00050000 | 13
+    assert cfg.syscalls[0].args == [(1, 4, 448, 0)]
+    assert cfg.syscalls[1].action == 0x00050000 | 1  # errnoRet unset: EPERM, as runc
+    assert cfg.syscalls[2].action == 0x80000000
+    assert oci.convert(spec(), "c1").seccomp is None
+
