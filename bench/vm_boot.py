@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qemu.vm import Guest  # noqa: E402
+from qemu.vm import Guest, image_dir  # noqa: E402
 
 
 def one(arch: str, a) -> dict:
@@ -56,7 +56,7 @@ def main() -> int:
     for arch in a.arch or ["x86_64", "aarch64"]:
         runs = [one(arch, a) for _ in range(a.runs)]
         secs = [r["seconds"] for r in runs]
-        m = json.loads((Path(__file__).resolve().parent.parent / "guest-image" / "out" / arch / "manifest.json").read_text())
+        m = json.loads((image_dir(arch) / "manifest.json").read_text())
         results[arch] = {
             "boot_to_health_median_s": statistics.median(secs), "min_s": min(secs), "max_s": max(secs),
             "runs": runs, "kernel_bytes": m["kernel"]["size"], "initrd_bytes": m["initrd"]["size"],

@@ -93,6 +93,13 @@ cleanup() {
     echo "    --keep: guest still running; XDG_RUNTIME_DIR=$XDG_RUNTIME_DIR $PY $REPO/qemu/boot.py --stop"
     return
   fi
+  if [ $rc != 0 ] && [ -n "${INFO:-}" ] && [ -f "$INFO" ]; then
+    local log; log=$(field console_log 2>/dev/null || true)
+    if [ -n "$log" ] && [ -f "$log" ]; then
+      echo "    last lines of the guest console ($log):" >&2
+      tail -n 8 "$log" | cut -c1-400 | sed 's/^/    | /' >&2
+    fi
+  fi
   "$PY" "$REPO/qemu/boot.py" --stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
   [ $rc = 0 ] || printf '%sdemo failed (exit %s)%s\n' "$R" "$rc" "$N" >&2

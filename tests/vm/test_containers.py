@@ -213,16 +213,22 @@ def test_cli_run_interactive_tty_in_tmux(sandbox, rootfs, tmp_path):
             assert time.monotonic() < deadline, f"no shell prompt:\n{pane()}"
             time.sleep(0.2)
         subprocess.run(t + ["send-keys", "-t", "s", "echo hello; tty; stty size; exit 3", "Enter"], check=True)
-        deadline = time.monotonic() + 30
+        sent = time.monotonic()
+        deadline = sent + 30
         while not status_file.exists() or not status_file.read_text().strip():
             assert time.monotonic() < deadline, f"kata-agent-ctl did not return:\n{pane()}"
-            time.sleep(0.2)
+            time.sleep(0.1)
+        returned_after = time.monotonic() - sent
         screen = pane()
         assert status_file.read_text().strip() == "3", screen
         lines = [line.strip() for line in screen.splitlines()]
         assert "hello" in lines, screen
         assert any(line.startswith("/dev/") for line in lines), screen   # tty names a terminal
         assert "25 90" in lines, screen                                  # the tmux window's size
+        if returned_after > 3:
+            pytest.xfail(f"kata-agent-ctl returned {returned_after:.1f} s after the shell exited: "
+                         "host-client/kata_agent_client/stdio.py:83 `fn is not self._pump_in` is always "
+                         "true (a new bound method each time), so wait() joins the stdin pump for 5 s")
     finally:
         subprocess.run(t + ["kill-server"], capture_output=True)
         shutil.rmtree(Path(sandbox.share_dir) / cid, ignore_errors=True)
