@@ -34,6 +34,7 @@ def stub(guest):
 def sandbox(guest, stub):
     if not guest.virtiofsd_proc:
         pytest.skip("no virtiofsd on this host: the shared directory cannot be exported")
+    h.require_spawner(guest)
     stub.CreateSandbox(agent_pb2.CreateSandboxRequest(
         hostname="vmtest", sandbox_id="vmtest", dns=h.DNS, storages=[h.shared_storage()]), timeout=60)
     return guest
