@@ -123,6 +123,10 @@ show "kata-agent-ctl version"
 
 # ------------------------------------------------------------------ 4. a container
 step "4/6 a busybox container: PID 1, hostname, DNS"
+if [ "$ARCH" != "$(uname -m)" ]; then  # the guest's own static busybox, from the image build tree
+  export BUSYBOX=$OUT/work/rootfs/bin/busybox
+  [ -x "$BUSYBOX" ] || die "no $ARCH busybox at $BUSYBOX (rebuild: bash guest-image/build.sh --arch $ARCH --rebuild-base)"
+fi
 "$PY" -m kata_agent_client.bundle --hostname demo-box "$WORK/bundle" -- sh /demo.sh >/dev/null
 cat > "$WORK/bundle/rootfs/demo.sh" <<'EOF'
 echo "ps -ef:"; ps -ef

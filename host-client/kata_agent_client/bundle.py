@@ -1,6 +1,7 @@
 """Build a small OCI bundle from the host's busybox-static: a rootfs and a config.json.
 
     python3 -m kata_agent_client.bundle DIR [-- ARGS...]      # writes DIR/rootfs and DIR/config.json
+    BUSYBOX=/path/to/arm64/busybox python3 -m kata_agent_client.bundle DIR   # another arch's busybox
 
 The rootfs holds /bin/busybox with a symlink per applet, /etc/passwd, /etc/group, /etc/hostname,
 empty mount points (/proc, /sys, /dev, /tmp, ...) and an empty /etc/resolv.conf for the sandbox's
@@ -56,7 +57,14 @@ def is_static(path: str) -> bool:
 
 
 def applets(busybox: str) -> list[str]:
-    out = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout
+    """Its applets as paths (bin/sh, ...); a busybox of another arch is asked through the host's."""
+    try:
+        out = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout
+    except OSError:  # ENOEXEC: another architecture (the guest's), and no binfmt here
+        host = shutil.which("busybox") or next((c for c in BUSYBOX_CANDIDATES if os.access(c, os.X_OK)), None)
+        if not host or os.path.realpath(host) == os.path.realpath(busybox):
+            raise BundleError(f"{busybox}: cannot run it to list its applets, and no host busybox") from None
+        out = subprocess.run([host, "--list-full"], capture_output=True, text=True, check=True).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
