@@ -185,8 +185,9 @@ def test_cli_run_interactive_tty_in_tmux(sandbox, rootfs, tmp_path):
     """`kata-agent-ctl run -t ... sh` is an interactive shell, like `docker run -ti`."""
     tmux = shutil.which("tmux")
     if not tmux:
-        r = subprocess.run(["apt-get", "install", "-y", "-qq", "tmux"], capture_output=True,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        r = subprocess.run("apt-get install -y -qq tmux || (apt-get update -qq && apt-get install -y -qq tmux)",
+                           shell=True, capture_output=True, env=env, timeout=300)
         tmux = shutil.which("tmux")
         if not tmux:
             pytest.skip(f"tmux is not installed and apt-get install tmux failed: {r.stderr[-300:]!r}")
