@@ -29,6 +29,24 @@ class Stdio:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._locks = {name: asyncio.Lock() for name in ("stdin", "stdout", "stderr")}
         self._waiters: set[asyncio.Future] = set()
+        self._eof: set[str] = set()
+        # called once every output stream has been read to EOF (a finished exec's fds then go)
+        self.on_drained = None
+
+    @property
+    def drained(self) -> bool:
+        return {"stdout"} <= self._eof if self.terminal else {"stdout", "stderr"} <= self._eof
+
+    def _at_eof(self, stream: str) -> None:
+        if stream in self._eof:
+            return
+        self._eof.add(stream)
+        fd = getattr(self, stream)
+        if not self.terminal and fd is not None:  # a pty's master is stdin too: kept until close()
+            setattr(self, stream, None)
+            os.close(fd)
+        if self.drained and self.on_drained is not None:
+            self.on_drained()
 
     async def _ready(self, fd: int, write: bool = False) -> None:
         """Wait until ``fd`` is readable (writable), or until ``close`` wakes every waiter."""
@@ -64,16 +82,20 @@ class Stdio:
         async with self._locks[stream]:
             while True:
                 fd = getattr(self, stream)
-                if fd is None:
+                if fd is None or stream in self._eof:
                     return b""
                 try:
-                    return os.read(fd, min(size, 1 << 20))
+                    data = os.read(fd, min(size, 1 << 20))
                 except BlockingIOError:
                     await self._ready(fd)
+                    continue
                 except OSError as exc:
-                    if exc.errno == errno.EIO:  # pty: the other side is closed
-                        return b""
-                    raise
+                    if exc.errno != errno.EIO:  # pty: the other side is closed
+                        raise
+                    data = b""
+                if not data:
+                    self._at_eof(stream)
+                return data
 
     async def write(self, data: bytes) -> int:
         async with self._locks["stdin"]:

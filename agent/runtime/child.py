@@ -69,7 +69,8 @@ def _step(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 # --- entry points (called in the spawner's forked child) ----------------------------------------
 
-def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], cgroup: dict[str, Any]) -> NoReturn:
+def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
+                    cgroup: dict[str, Any] | None) -> NoReturn:
     """The intermediate child of a CreateContainer: join, unshare, fork the init, report its pid.
 
     The init starts in its cgroup without a migration by the agent (see ``_fork_into``), so
@@ -82,6 +83,11 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], 
             if not path and flag != linux.CLONE_NEWCGROUP:
                 flags |= flag
         _step("unshare", linux.unshare, flags)
+        if cgroup is None:  # the agent creates the cgroup meanwhile, and sends it next
+            msg = sync.recv(1 << 16)
+            if not msg:
+                os._exit(0)  # the agent gave up (its undo removed what it made)
+            cgroup = json.loads(msg)["cgroup"]
         # Opened before the fork: the init's pivot_root changes this process's root too.
         target = _open_cgroup(cgroup)
         reported_r, reported_w = os.pipe()  # EOF: the agent has the init's pid
@@ -489,6 +495,7 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
     os.umask(proc["umask"])
     if nnp:
         _step("no_new_privs", linux.prctl, linux.PR_SET_NO_NEW_PRIVS, 1)
+    path = _look_path(proc["args"][0], env)  # as runc: a missing program fails the create
     if reported >= 0:
         _wait_eof(reported)  # the pid message goes first
     if wait_start:
@@ -502,9 +509,27 @@ def _exec_process(proc: dict[str, Any], sync: socket.socket, stdio: list[int] | 
         except seccomp.SeccompError as exc:
             fail(sync, str(exc))
     try:
-        os.execvpe(proc["args"][0], proc["args"], env)
+        os.execve(path, proc["args"], env)
     except OSError as exc:
         fail(sync, f"exec {proc['args'][0]}: {exc.strerror}", 127)
+
+
+def _look_path(name: str, env: dict[str, str]) -> str:
+    """The program execve will run: ``name`` if it has a slash, else the first hit in PATH."""
+    candidates = [name] if "/" in name else [
+        os.path.join(d or ".", name) for d in env.get("PATH", os.defpath).split(os.pathsep)]
+    denied = False
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(path, os.X_OK):
+            return path
+        denied = True
+    reason = "permission denied" if denied else "no such file or directory"
+    where = "" if "/" in name else " in $PATH"
+    raise SetupError(f"exec {name}: {reason}{where}")
 
 
 def _step_seccomp(fn: Callable[..., Any], arg: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ except ModuleNotFoundError as exc:  # written by another area; optional until it
     cgroups_mod = None
 
 KILL_WAIT = 10.0
+MAX_RETIRED = 32  # undrained finished execs kept per container
 
 
 @dataclass
@@ -66,6 +68,9 @@ class Container:
     started: bool = False
     paused: bool = False
     processes: dict[str, Process] = field(default_factory=dict)
+    # exec'd processes whose status WaitProcess returned: their id is free again (as Kata's
+    # agent forgets them), their output stays readable until drained, then their fds go
+    retired: dict[str, Process] = field(default_factory=dict)
     cleanup: list = field(default_factory=list)  # undo actions of CreateContainer, run at removal
     hooks: Any = None  # the spec's Hooks message (None: no hooks)
     oci_version: str = ""
@@ -94,10 +99,30 @@ class Container:
         """The init for an empty ``exec_id`` (or the container id), else an exec'd process."""
         if not exec_id or exec_id == self.id:
             return self.init
-        proc = self.processes.get(exec_id)
+        proc = self.processes.get(exec_id) or self.retired.get(exec_id)
         if proc is None:
             raise NotFound(f"process {exec_id} not found in container {self.id}")
         return proc
+
+    def retire(self, proc: Process) -> None:
+        """Forget a finished, waited-for exec: free its id; close its stdio once drained."""
+        if self.processes.get(proc.exec_id) is not proc:
+            return
+        del self.processes[proc.exec_id]
+        self._drop_retired(proc.exec_id)
+        if proc.stdio.drained:
+            proc.stdio.close()
+            return
+        self.retired[proc.exec_id] = proc
+        proc.stdio.on_drained = lambda: self._drop_retired(proc.exec_id, proc)
+        while len(self.retired) > MAX_RETIRED:
+            self._drop_retired(next(iter(self.retired)))
+
+    def _drop_retired(self, exec_id: str, only: Process | None = None) -> None:
+        proc = self.retired.get(exec_id)
+        if proc is not None and (only is None or proc is only):
+            del self.retired[exec_id]
+            proc.stdio.close()
 
 
 # Hook lists of the spec, by the lifecycle point where the runtime runs them (in the agent's
@@ -115,6 +140,7 @@ class Runtime:
         self.hook_runner = hook_runner
         self.containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
+        self._watchers: set[asyncio.Future] = set()
         detect = getattr(cgroups_mod, "detect", None)  # None while that module is being written
         self.cgroups = detect() if detect is not None else None
 
@@ -150,16 +176,19 @@ class Runtime:
         if cfg.seccomp is not None and not seccomp.available():
             raise FailedPrecondition("OCI.Linux.Seccomp: libseccomp.so.2 (package libseccomp2) is not installed")
         async with UndoStack() as undo:
-            cg = self._create_cgroup(cfg, resources, undo)
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
             undo.push("close stdio", stdio.close)
-            req = {"op": "create", "config": dataclasses.asdict(cfg), "cgroup": _cgroup_dirs(cg)}
+            # The cgroup is made while the spawner's child joins and unshares namespaces; it
+            # waits for the cgroup's directories (or EOF) before it forks the init.
+            req = {"op": "create", "config": dataclasses.asdict(cfg), "cgroup": None}
             try:
                 sync = self.spawner.request(req, child_fds)
             finally:
                 for fd in set(child_fds):
                     os.close(fd)
             undo.push("close the sync socket", sync.close)
+            cg = self._create_cgroup(cfg, resources, undo)
+            sync.send(json.dumps({"cgroup": _cgroup_dirs(cg)}).encode())
             pid = await self._pid(sync, "create")
             init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
             undo.push("kill the init", lambda: self._kill_and_reap(init))
@@ -210,12 +239,28 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is stopped")
         sync, c.sync = c.sync, None
         c.started = True
-        with sync:
+        try:
             sync.send(b"start")
-            reply = await spawner_mod.receive(sync)
-        if reply is not None:
-            raise _classify("start", reply.get("error", "unexpected reply"))
+        except OSError:
+            sync.close()
+            raise
+        # As runc start, do not wait for the exec (the program was found at create): its
+        # rare failures (ENOEXEC, ...) are logged, and WaitProcess gives 127.
+        task = asyncio.ensure_future(self._watch_exec(cid, sync))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
         await self._run_hooks(c, "start", "running")
+
+    @staticmethod
+    async def _watch_exec(cid: str, sync: socket.socket) -> None:
+        with sync:
+            try:
+                reply = await spawner_mod.receive(sync)
+            except OSError:
+                return
+        if reply is not None:
+            log.warning("container process did not start",
+                        extra={"fields": {"container_id": cid, "error": reply.get("error", reply)}})
 
     # --- exec ---
     async def exec(self, cid: str, exec_id: str, proc_cfg: ProcessConfig) -> Process:
@@ -244,13 +289,19 @@ class Runtime:
                 reply = await spawner_mod.receive(sync)
             if reply is not None:
                 raise _classify("exec", reply.get("error", "unexpected reply"))
+            c._drop_retired(exec_id)  # the id is reused: the old output goes
             c.processes[exec_id] = proc
             undo.commit()
         return proc
 
     # --- wait / signal ---
     async def wait(self, cid: str, exec_id: str) -> int:
-        return await self.get(cid).process(exec_id).wait()
+        c = self.get(cid)
+        proc = c.process(exec_id)
+        status = await proc.wait()
+        if proc is not c.init:
+            c.retire(proc)
+        return status
 
     def signal(self, cid: str, exec_id: str, sig: int) -> None:
         c = self.get(cid)
@@ -316,8 +367,9 @@ class Runtime:
         self._kill_all(c)
         for proc in (c.init, *c.processes.values()):
             await self._kill_and_reap(proc)
-        for proc in (c.init, *c.processes.values()):
+        for proc in (c.init, *c.processes.values(), *c.retired.values()):
             proc.stdio.close()
+        c.retired.clear()
         if c.sync is not None:
             c.sync.close()
             c.sync = None

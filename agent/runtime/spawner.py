@@ -55,6 +55,11 @@ def _import_tasks() -> None:
 # --- the spawner process ------------------------------------------------------------------------
 
 def _serve(sock: socket.socket) -> None:
+    """Keep one forked "zygote" waiting on the agent's socket, so that no request waits for a fork.
+
+    The zygote takes one request, tells the spawner (``taken``), and becomes the request's
+    intermediate child; the spawner then forks the next zygote and reaps the old ones.
+    """
     import gc
 
     from agent.runtime import child
@@ -65,31 +70,62 @@ def _serve(sock: socket.socket) -> None:
     gc.freeze()
 
     while True:
+        taken_r, taken_w = os.pipe()
         try:
-            msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+            pid = os.fork()
+        except OSError:
+            os.close(taken_r)
+            os.close(taken_w)
+            _reap(block=True)  # out of processes: wait for one of ours to go
+            continue
+        if pid == 0:
+            os.close(taken_r)
+            _zygote(child, sock, taken_w)
+        os.close(taken_w)
+        word = _read_word(taken_r)  # b"t": taken, b"q": the agent is gone, b"": it died
+        os.close(taken_r)
+        _reap()
+        if word == b"q":
+            os._exit(0)
+
+
+def _read_word(fd: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, 1)
         except InterruptedError:
             continue
-        if not msg:
-            os._exit(0)  # the agent is gone
-        _handle(child, sock, json.loads(msg), fds)
 
 
-def _handle(child, sock: socket.socket, req: dict[str, Any], fds: list[int]) -> None:
-    os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
-    sync = socket.socket(fileno=fds[0])
+def _reap(block: bool = False) -> None:
+    """Reap finished intermediates (they exit as soon as they have forked)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0 or block:
+            return
+
+
+def _zygote(child, sock: socket.socket, taken: int) -> None:
     try:
-        pid = os.fork()
-    except OSError as exc:
-        child.send(sync, {"error": f"fork: {exc.strerror}"})
-        pid = -1
-    if pid == 0:
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+                break
+            except InterruptedError:
+                continue
+        if not msg:
+            os.write(taken, b"q")
+            os._exit(0)
+        os.write(taken, b"t")
+        os.close(taken)
         sock.close()
-        _child(child, req, sync, fds[1:])
-    sync.close()
-    for fd in fds[1:]:
-        os.close(fd)
-    if pid > 0:
-        os.waitpid(pid, 0)  # the intermediate exits as soon as it has forked
+        os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
+        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:])
+    finally:
+        os._exit(1)
 
 
 def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> None:

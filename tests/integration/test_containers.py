@@ -186,8 +186,13 @@ def test_exec_joins_pid_namespace_and_has_own_user(agent, busybox_rootfs, contai
     agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
     assert agent.client.call("WaitProcess", {"container_id": container_id, "exec_id": "e1"}).status == 0
     assert read_all(agent, container_id, exec_id="e1").decode().split() == ["1", "h1", "1000", "/tmp"]
+    # waited for: the id is free again (as Kata's agent forgets it); a running one's is not
+    agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+    assert agent.client.call("WaitProcess", {"container_id": container_id, "exec_id": "e1"}).status == 0
+    sleeper = {**proc, "Args": ["sleep", "100"]}
+    agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e3", "process": sleeper})
     with pytest.raises(grpc.RpcError) as e:
-        agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+        agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e3", "process": sleeper})
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     agent.client.call("SignalProcess", {"container_id": container_id, "signal": 9})
     agent.client.call("WaitProcess", {"container_id": container_id})
@@ -215,11 +220,13 @@ def test_error_statuses(agent, busybox_rootfs, container_id):
     code, _ = _code(agent, "CreateContainer", {"container_id": container_id, "OCI": _json(cfg)})
     assert code == grpc.StatusCode.ALREADY_EXISTS
     agent.client.call("RemoveContainer", {"container_id": container_id})
-    missing = make_spec(busybox_rootfs, ["/no/such/binary"])
-    create(agent, container_id, missing)
-    code, msg = _code(agent, "StartContainer", {"container_id": container_id})
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "/no/such/binary" in msg
-    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 127
+    # as runc: the program is looked up at create, so a missing one fails the create
+    for args in (["/no/such/binary"], ["no-such-program"], ["/etc/passwd"]):
+        code, msg = _code(agent, "CreateContainer",
+                          {"container_id": container_id, "OCI": _json(make_spec(busybox_rootfs, args))})
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and args[0] in msg, msg
+    assert _code(agent, "WaitProcess", {"container_id": container_id})[0] == grpc.StatusCode.NOT_FOUND
+    create(agent, container_id, cfg)  # the id is free
     agent.client.call("RemoveContainer", {"container_id": container_id})
 
 
