@@ -181,6 +181,48 @@ def test_tty_exec_winsize(stub, ctr):
         h.remove(stub, cid)
 
 
+def _bundle(tmp_path: Path, rootfs: Path, args: list[str]) -> Path:
+    from kata_agent_client.bundle import write_config
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
+    write_config(bundle, args)
+    return bundle
+
+
+def test_cli_run_exec_kill_delete(sandbox, stub, rootfs, tmp_path):
+    """What qemu/demo.sh does, through kata-agent-ctl: run --rm, run -d, exec, kill, wait, delete."""
+    def ctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kata_agent_client.cli", "--addr", sandbox.addr, *args],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    bundle = _bundle(tmp_path, rootfs, ["sh", "-c", "ps; cat /etc/resolv.conf; exit 2"])
+    cid = h.new_id("cli")
+    r = ctl("run", "--rm", "--shared-dir", str(sandbox.share_dir), "--bundle", str(bundle), cid)
+    assert r.returncode == 2, r.stderr
+    assert "nameserver 10.0.2.3" in r.stdout and r.stdout.splitlines()[1].split()[0] == "1", r.stdout
+    assert not (Path(sandbox.share_dir) / cid).exists()  # --rm drops the rootfs copy
+
+    cid = h.new_id("cli")
+    from kata_agent_client.bundle import write_config
+
+    write_config(bundle, ["sleep", "600"])
+    try:
+        r = ctl("run", "-d", "--shared-dir", str(sandbox.share_dir), "--bundle", str(bundle), cid)
+        assert r.returncode == 0 and r.stdout.strip() == cid, r.stderr
+        r = ctl("exec", cid, "--", "sh", "-c", "echo in-$(hostname); exit 9")
+        assert r.returncode == 9 and r.stdout.strip() == "in-vmtest", (r.stdout, r.stderr)
+        assert ctl("kill", cid, "KILL").returncode == 0
+        r = ctl("wait", cid)
+        assert r.stdout.strip() == "137", r.stderr
+        assert ctl("delete", cid).returncode == 0
+        assert ctl("delete", cid).returncode == 1  # NOT_FOUND now
+    finally:
+        h.remove(stub, cid)
+        shutil.rmtree(Path(sandbox.share_dir) / cid, ignore_errors=True)
+
+
 def test_cli_run_interactive_tty_in_tmux(sandbox, rootfs, tmp_path):
     """`kata-agent-ctl run -t ... sh` is an interactive shell, like `docker run -ti`."""
     tmux = shutil.which("tmux")
@@ -191,12 +233,7 @@ def test_cli_run_interactive_tty_in_tmux(sandbox, rootfs, tmp_path):
         tmux = shutil.which("tmux")
         if not tmux:
             pytest.skip(f"tmux is not installed and apt-get install tmux failed: {r.stderr[-300:]!r}")
-    from kata_agent_client.bundle import write_config
-
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
-    write_config(bundle, ["sh"])
+    bundle = _bundle(tmp_path, rootfs, ["sh"])
     cid = h.new_id("tty")
     ctl = [sys.executable, "-m", "kata_agent_client.cli", "--addr", sandbox.addr, "run", "-t", "--rm",
            "--shared-dir", str(sandbox.share_dir), "--bundle", str(bundle), cid]
