@@ -1,17 +1,21 @@
 """Lifecycle latency of /bin/true: the agent over gRPC vs ``crun run`` and ``runc run``, interleaved.
 
-    sudo .venv/bin/python bench/lifecycle.py [-n 50]
+    sudo .venv/bin/python bench/lifecycle.py [-n 50] [--concurrent 100] [--rss-rounds 1000]
 
 Each round runs one agent lifecycle (Create+Start+Wait+Remove), one ``runc run`` and one
-``crun run`` of the same bundle, in turn, and reports medians. Then exec latency (ExecProcess +
-Wait of /bin/true vs ``runc exec``). crun refuses hybrid cgroups, so it runs inside
-``unshare -m`` with /sys/fs/cgroup/unified unmounted in that private namespace only.
+``crun run`` of the same bundle, in turn, and reports medians (and the agent's per-RPC medians).
+Then exec latency (ExecProcess + Wait of /bin/true vs ``runc exec``); then N lifecycles started
+at once (agent, and crun for comparison): total time and p50/p99 per container; then the
+agent's RSS idle and after many lifecycles. crun refuses hybrid cgroups, so it runs inside
+``unshare -m`` with /sys/fs/cgroup/unified unmounted in that private namespace only; what it
+writes there (into the tmpfs below that mount point) is removed after each run.
 Not a test: it prints numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import pathlib
 import shutil
@@ -30,7 +34,8 @@ from kata_agent_client.spec import default_config, spec_from_config  # noqa: E40
 from tests.integration.conftest import AgentProcess, make_busybox_rootfs  # noqa: E402
 
 CRUN_WRAP = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             'umount -l /sys/fs/cgroup/unified 2>/dev/null; exec "$@"', "sh"]
+             'umount -l /sys/fs/cgroup/unified 2>/dev/null || exec "$@"; '
+             'for id; do :; done; "$@"; rc=$?; rm -rf "/sys/fs/cgroup/unified/$id"; exit $rc', "sh"]
 
 
 def bundle(tmp: pathlib.Path, args: list[str]) -> pathlib.Path:
@@ -47,14 +52,25 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def agent_lifecycle(agent: AgentProcess, oci: dict, i: int) -> None:
+RPC_TIMES: dict[str, list[float]] = {"create": [], "start": [], "wait": [], "remove": []}
+
+
+def agent_lifecycle(agent: AgentProcess, oci: dict, i: int, record: bool = False) -> None:
     cid = f"bench-{i}"
     c = agent.client
+    marks = [time.perf_counter()]
     c.call("CreateContainer", {"container_id": cid, "OCI": oci})
+    marks.append(time.perf_counter())
     c.call("StartContainer", {"container_id": cid})
+    marks.append(time.perf_counter())
     status = c.call("WaitProcess", {"container_id": cid}).status
+    marks.append(time.perf_counter())
     c.call("RemoveContainer", {"container_id": cid})
+    marks.append(time.perf_counter())
     assert status == 0, status
+    if record:
+        for name, a, b in zip(RPC_TIMES, marks, marks[1:]):
+            RPC_TIMES[name].append((b - a) * 1000)
 
 
 def cli_run(argv: list[str], b: pathlib.Path, i: int) -> None:
@@ -64,7 +80,7 @@ def cli_run(argv: list[str], b: pathlib.Path, i: int) -> None:
 
 def lifecycles(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]]:
     oci = json_format.MessageToDict(spec_from_config(json.loads((b / "config.json").read_text())))
-    runners = {"agent": lambda i: agent_lifecycle(agent, oci, i)}
+    runners = {"agent": lambda i: agent_lifecycle(agent, oci, i, record=i >= 3)}
     if shutil.which("runc"):
         runners["runc"] = lambda i: cli_run(["runc"], b, i)
     if shutil.which("crun"):
@@ -109,6 +125,26 @@ def execs(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]
     return times
 
 
+def concurrent_lifecycles(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, tuple[float, list[float]]]:
+    """n lifecycles started at once: (total ms, per-container ms) for the agent and for crun."""
+    oci = json_format.MessageToDict(spec_from_config(json.loads((b / "config.json").read_text())))
+    runners = {"agent": lambda i: agent_lifecycle(agent, oci, 10_000 + i)}
+    if shutil.which("crun"):
+        runners["crun"] = lambda i: cli_run([*CRUN_WRAP, "crun"], b, 10_000 + i)
+    out = {}
+    for name, fn in runners.items():
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+            start = time.perf_counter()
+            per = list(pool.map(lambda i: timed(lambda: fn(i)), range(n)))
+            out[name] = ((time.perf_counter() - start) * 1000, per)
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
 def report(title: str, times: dict[str, list[float]]) -> None:
     print(title)
     for name, values in times.items():
@@ -130,6 +166,7 @@ def agent_python_pid(agent: AgentProcess) -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("-n", type=int, default=50)
+    p.add_argument("--concurrent", type=int, default=100, help="lifecycles started at once (0: skip)")
     p.add_argument("--rss-rounds", type=int, default=0, help="lifecycles for the RSS growth check")
     opts = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
@@ -137,16 +174,26 @@ def main() -> int:
         b = bundle(tmp / "bundle", ["true"])
         agent = AgentProcess(tmp)
         try:
+            pid = agent_python_pid(agent)
+            idle_kb = rss_kb(pid)
             report("lifecycle of /bin/true (create+start+wait+remove)", lifecycles(agent, b, opts.n))
+            print("  agent per RPC (median ms): " + "  ".join(
+                f"{k} {statistics.median(v):.2f}" for k, v in RPC_TIMES.items()))
             if shutil.which("runc"):
                 report("exec of /bin/true into a running container", execs(agent, b, opts.n))
+            if opts.concurrent:
+                print(f"{opts.concurrent} lifecycles started at once")
+                for name, (total, per) in concurrent_lifecycles(agent, b, opts.concurrent).items():
+                    print(f"  {name:6s} total {total:8.1f} ms   per container p50 {pct(per, 0.5):7.1f} ms   "
+                          f"p99 {pct(per, 0.99):7.1f} ms")
             if opts.rss_rounds:
                 oci = json_format.MessageToDict(spec_from_config(json.loads((b / "config.json").read_text())))
-                pid = agent_python_pid(agent)
                 before = rss_kb(pid)
                 for i in range(opts.rss_rounds):
-                    agent_lifecycle(agent, oci, i)
-                print(f"agent RSS: {before} kB idle, {rss_kb(pid)} kB after {opts.rss_rounds} lifecycles")
+                    agent_lifecycle(agent, oci, 20_000 + i)
+                after = rss_kb(pid)
+                print(f"agent RSS: {idle_kb} kB idle at start, {before} kB before and {after} kB after "
+                      f"{opts.rss_rounds} more lifecycles (growth {(after - before) / 1024:.1f} MB)")
         finally:
             agent.stop()
     return 0
