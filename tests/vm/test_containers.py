@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from agent.protocols import agent_pb2, oci_pb2
+from kata_agent_client.bundle import write_config
 from kata_agent_client.spec import DEFAULT_ENV
 from tests.vm import helpers as h
 
@@ -182,8 +183,6 @@ def test_tty_exec_winsize(stub, ctr):
 
 
 def _bundle(tmp_path: Path, rootfs: Path, args: list[str]) -> Path:
-    from kata_agent_client.bundle import write_config
-
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     shutil.copytree(rootfs, bundle / "rootfs", symlinks=True)
@@ -205,8 +204,6 @@ def test_cli_run_exec_kill_delete(sandbox, stub, rootfs, tmp_path):
     assert not (Path(sandbox.share_dir) / cid).exists()  # --rm drops the rootfs copy
 
     cid = h.new_id("cli")
-    from kata_agent_client.bundle import write_config
-
     write_config(bundle, ["sleep", "600"])
     try:
         r = ctl("run", "-d", "--shared-dir", str(sandbox.share_dir), "--bundle", str(bundle), cid)
