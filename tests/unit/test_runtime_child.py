@@ -1,0 +1,39 @@
+"""Pure helpers of the container child: program lookup (as runc's, at create) and seccomp codes."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from agent.runtime import seccomp
+from agent.runtime.child import SetupError, _look_path
+
+
+def test_look_path(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "sbin").mkdir()
+    prog = tmp_path / "sbin" / "prog"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    data = tmp_path / "bin" / "data"
+    data.write_text("x")
+    data.chmod(0o644)
+    (tmp_path / "bin" / "prog").mkdir()  # a directory of that name does not count
+    env = {"PATH": f"{tmp_path / 'bin'}:{tmp_path / 'sbin'}"}
+    assert _look_path("prog", env) == str(prog)
+    assert _look_path(str(prog), {}) == str(prog)
+    with pytest.raises(SetupError, match=r"exec nope: no such file or directory in \$PATH"):
+        _look_path("nope", env)
+    with pytest.raises(SetupError, match="exec data: permission denied"):
+        _look_path("data", {"PATH": str(tmp_path / "bin")})
+    with pytest.raises(SetupError, match="no such file or directory"):
+        _look_path(str(tmp_path / "missing"), env)
+
+
+def test_action_codes():
+    assert seccomp.action_code("SCMP_ACT_ALLOW", 5) == 0x7FFF0000  # no data for ALLOW
+    assert seccomp.action_code("SCMP_ACT_ERRNO", 0) == 0x00050000 | errno.EPERM
+    assert seccomp.action_code("SCMP_ACT_ERRNO", errno.ENOSYS) == 0x00050000 | errno.ENOSYS
+    assert seccomp.action_code("SCMP_ACT_TRACE", 7) == 0x7FF00007
+    assert seccomp.action_code("SCMP_ACT_KILL_PROCESS", 0) == 0x80000000
