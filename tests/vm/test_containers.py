@@ -32,18 +32,27 @@ def stub(guest):
 
 
 @pytest.fixture(scope="module")
-def sandbox(guest, stub):
-    if not guest.virtiofsd_proc:
-        pytest.skip("no virtiofsd on this host: the shared directory cannot be exported")
-    h.require_spawner(guest)
-    stub.CreateSandbox(agent_pb2.CreateSandboxRequest(
-        hostname="vmtest", sandbox_id="vmtest", dns=h.DNS, storages=[h.shared_storage()]), timeout=60)
-    return guest
+def rootfs(tmp_path_factory):
+    return h.busybox_rootfs(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
-def rootfs(tmp_path_factory):
-    return h.busybox_rootfs(tmp_path_factory.mktemp("bundle"))
+def sandbox(guest, stub, rootfs):
+    if not guest.virtiofsd_proc:
+        pytest.skip("no virtiofsd on this host: the shared directory cannot be exported")
+    stub.CreateSandbox(agent_pb2.CreateSandboxRequest(
+        hostname="vmtest", sandbox_id="vmtest", dns=h.DNS, storages=[h.shared_storage()]), timeout=60)
+    cid = h.new_id("probe")
+    try:
+        h.run(stub, cid, ["true"], h.place_rootfs(guest.share_dir, rootfs, cid))
+    except grpc.RpcError as e:
+        stub.DestroySandbox(agent_pb2.DestroySandboxRequest(), timeout=60)
+        if h.spawner_gone(e):
+            pytest.skip(h.SPAWNER_BUG)
+        raise
+    finally:
+        shutil.rmtree(Path(guest.share_dir) / cid, ignore_errors=True)
+    return guest
 
 
 @pytest.fixture

@@ -81,7 +81,6 @@ def plug_disk(g: Guest, image: Path, node: str, port: str) -> str:
 def test_blk_hotplug_storage_for_container(q35, stub, images):
     """CreateContainer names a disk that is not there yet: the agent rescans, waits, mounts it;
     the container runs from it; GetVolumeStats reports the mounted volume."""
-    h.require_spawner(q35)
     stub.CreateSandbox(agent_pb2.CreateSandboxRequest(hostname="q35", sandbox_id="q35"), timeout=60)
     pci = f"{PORTS['rp1']:02x}/00"
     storage = agent_pb2.Storage(driver="blk", source=pci, fstype="ext4", options=["ro"],
@@ -101,6 +100,8 @@ def test_blk_hotplug_storage_for_container(q35, stub, images):
     time.sleep(1.0)  # the agent is waiting for the device now
     assert plug_disk(q35, images["disk"], "disk1", "rp1") == pci
     t.join(60)
+    if errors and h.spawner_gone(errors[0]):
+        pytest.skip(h.SPAWNER_BUG)
     assert not errors, errors
     try:
         stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
