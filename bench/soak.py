@@ -67,8 +67,9 @@ def lifecycle(client: AgentClient, rootfs, cid: str) -> float:
 class Load:
     """``clients`` connections issuing health, stats and exec calls until stopped."""
 
-    def __init__(self, addr: str, cid: str, clients: int, pause: float) -> None:
-        self.addr, self.cid, self.pause = addr, cid, pause
+    def __init__(self, addr: str, cid: str, clients: int, pause: float,
+                 kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec")) -> None:
+        self.addr, self.cid, self.pause, self.kinds = addr, cid, pause, kinds
         self.stop = threading.Event()
         self.lat: dict[str, list[float]] = {"health": [], "stats": [], "exec": []}
         self.errors: list[str] = []
@@ -94,7 +95,7 @@ class Load:
         rng = random.Random(i)
         with AgentClient(self.addr, timeout=60) as c:
             while not self.stop.is_set():
-                kind = rng.choice(("health", "health", "stats", "stats", "exec"))
+                kind = rng.choice(self.kinds)
                 start = time.perf_counter()
                 try:
                     if kind == "health":
@@ -118,7 +119,8 @@ class Load:
 
 
 def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, pause: float = 0.02,
-             workdir: pathlib.Path | None = None, log=print) -> dict:
+             workdir: pathlib.Path | None = None, log=print,
+             kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec")) -> dict:
     work = pathlib.Path(workdir or tempfile.mkdtemp(prefix="soak-"))
     agent = IsolatedAgent(work / "agent")
     try:
@@ -131,7 +133,7 @@ def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, p
         load_cid = "load"
         create(client, load_cid, spec(rootfs, ["sleep", "100000"]))
         client.call("StartContainer", {"container_id": load_cid})
-        load = Load(agent.addr, load_cid, clients, pause)
+        load = Load(agent.addr, load_cid, clients, pause, kinds)
         load.start()
 
         t0 = time.perf_counter()
@@ -176,10 +178,12 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=100)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--pause", type=float, default=0.02, help="seconds each client waits between calls")
+    ap.add_argument("--kinds", default="health,health,stats,stats,exec",
+                    help="calls the clients choose from, with repeats as weights")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     result = run_soak(args.sequential, args.concurrent, args.clients, args.pause,
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), kinds=tuple(args.kinds.split(",")))
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
