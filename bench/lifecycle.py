@@ -166,13 +166,14 @@ def agent_python_pid(agent: AgentProcess) -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("-n", type=int, default=50)
+    p.add_argument("--log-level", default="info", help="the agent's (tests run it at debug)")
     p.add_argument("--concurrent", type=int, default=100, help="lifecycles started at once (0: skip)")
     p.add_argument("--rss-rounds", type=int, default=0, help="lifecycles for the RSS growth check")
     opts = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = pathlib.Path(tmp_s)
         b = bundle(tmp / "bundle", ["true"])
-        agent = AgentProcess(tmp)
+        agent = AgentProcess(tmp, ["--log-level", opts.log_level])
         try:
             pid = agent_python_pid(agent)
             idle_kb = rss_kb(pid)
