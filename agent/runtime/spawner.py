@@ -158,7 +158,7 @@ def start_spawner(cfg: Any = None) -> "Spawner":
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    argv = [sys.executable, "-S", "-c", "from agent.runtime.spawner import main; main()"]
+    argv = [sys.executable, "-S", "-c", "from agent.runtime.spawner import main; main()", str(os.getpid())]
     pid = os.fork()
     if pid == 0:
         try:
@@ -177,8 +177,8 @@ def main() -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if os.getppid() == 1 and os.getpid() != 1:
-            os._exit(0)  # the agent died before PR_SET_PDEATHSIG took hold
+        if os.getppid() != int(sys.argv[1]):
+            os._exit(0)  # the agent (possibly PID 1) died before PR_SET_PDEATHSIG took hold
         _import_tasks()
         from agent.runtime import seccomp
 

@@ -79,3 +79,28 @@ def test_kill_all_kills_a_paused_container(agent, busybox_rootfs, container_id):
     cg = _cgroup_dir(MEMORY_V1, container_id)
     assert (cg / "cgroup.procs").read_text().split() == []
     agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+SPAWNER_AS_CHILD_OF_PID1 = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from agent.runtime import spawner
+assert os.getpid() == 1
+sp = spawner.start_spawner()
+time.sleep(0.5)
+print("alive" if os.waitpid(sp.pid, os.WNOHANG) == (0, 0) else "gone")
+sp.close()
+os.waitpid(sp.pid, 0)
+"""
+
+
+def test_spawner_stays_up_when_the_agent_is_pid_1():
+    """In the guest the agent is PID 1: its spawner's parent pid is 1 and that is no orphaning."""
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount", "--mount-proc", sys.executable, "-c",
+                           SPAWNER_AS_CHILD_OF_PID1, root], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["alive"]
