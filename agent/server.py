@@ -17,9 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from agent import rpc
 from agent.config import Address, Config
 from agent.context import Agent
-from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
+from agent.protocols import agent_pb2, health_pb2
 from agent.runtime.reaper import REAPER
-from agent.service import KataHealth, build_agent_service
+from agent.service import KataHealth, add_service, build_agent_service
 from agent.vsock import Relay, relay_backend_path, vsock_listener
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ def build_server(agent: Agent) -> tuple[grpc.aio.Server, std_health.aio.HealthSe
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.so_reuseport", 0),
     ])
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(build_agent_service(agent), server)
-    health_pb2_grpc.add_HealthServicer_to_server(KataHealth(agent), server)
+    add_service(server, build_agent_service(agent), agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
+    add_service(server, KataHealth(agent), health_pb2.DESCRIPTOR.services_by_name["Health"])
     standard = std_health.aio.HealthServicer()
     std_health_pb2_grpc.add_HealthServicer_to_server(standard, server)
     reflection.enable_server_reflection(SERVICE_NAMES, server)

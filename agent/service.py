@@ -10,6 +10,8 @@ import logging
 import time
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from agent import PROTOCOL_VERSION, __version__, rpc
 from agent.context import Agent
@@ -81,3 +83,38 @@ def build_agent_service(agent: Agent):
     servicer = cls()
     servicer.agent = agent
     return servicer
+
+
+def add_service(server: grpc.aio.Server, servicer, service) -> None:
+    """Register every unary method of `service` (a ServiceDescriptor) on `servicer`.
+
+    The generated add_*_to_server functions let grpcio parse request bodies, and a body that does
+    not parse then ends as UNKNOWN "Unexpected DecodeError". Here the handlers receive the raw bytes
+    and parse them themselves, so a corrupt or truncated body answers INVALID_ARGUMENT naming the
+    method and the message type, before any handler or policy sees it.
+    """
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            raise RuntimeError(f"{service.full_name}/{method.name}: streaming methods are not supported")
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _decoding(method.name, getattr(servicer, method.name), request_cls),
+            request_deserializer=None,
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _decoding(name: str, fn, request_cls):
+    async def handle(body: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = request_cls.FromString(body)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{name}: request is not a valid {request_cls.DESCRIPTOR.full_name}: {exc}")
+        return await fn(request, context)
+
+    handle.__name__ = name
+    return handle
