@@ -80,7 +80,7 @@ class ProcessIO:
     def _spawn(self, fn, *args) -> None:
         t = threading.Thread(target=fn, args=args, daemon=True)
         t.start()
-        if fn is not self._pump_in:
+        if fn != self._pump_in:  # bound methods compare equal, never identical
             self._threads.append(t)
 
     def wait(self) -> int:
