@@ -73,9 +73,11 @@ def device_handlers() -> list[str]:
 
 
 def agent_details(extra_features: list[str]) -> agent_pb2.AgentDetails:
+    from agent.runtime import seccomp
+
     return agent_pb2.AgentDetails(version=__version__, init_daemon=os.getpid() == 1,
                                   device_handlers=device_handlers(), storage_handlers=storage_handlers(),
-                                  supports_seccomp=False, extra_features=extra_features)
+                                  supports_seccomp=seccomp.available(), extra_features=extra_features)
 
 
 def guest_details(request: agent_pb2.GuestDetailsRequest, extra_features: list[str],

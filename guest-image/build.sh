@@ -112,7 +112,7 @@ build_base() {
   # The extract variant only unpacks and runs only extract hooks; the hook uses mmdebstrap's own apt set-up (for the
   # guest's arch) to download the versioned kernel package that linux-image-cloud-ARCH points to.
   mmdebstrap --variant=extract --arch="$DEBARCH" --mode=root \
-    --include=python3,busybox-static,kmod,iproute2,libpython3.11-stdlib,libstdc++6,ca-certificates \
+    --include=python3,busybox-static,kmod,iproute2,libpython3.11-stdlib,libstdc++6,ca-certificates,libseccomp2 \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/lintian/*' \

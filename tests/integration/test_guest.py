@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 import agent as agent_pkg
+from agent.runtime import seccomp
 
 
 def fails(client, method, request, code):
@@ -27,6 +28,7 @@ def test_guest_details(agent):
     assert details["version"] == agent_pkg.__version__
     assert details.get("init_daemon", False) is False
     assert "policy-json" in details["extra_features"]
+    assert details.get("supports_seccomp", False) == seccomp.available()
     block = "/sys/devices/system/memory/block_size_bytes"
     if os.path.exists(block):
         assert int(reply["mem_block_size_bytes"]) == int(open(block).read(), 16)

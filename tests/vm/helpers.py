@@ -30,17 +30,6 @@ def agent_stub(addr: str):
         ch.close()
 
 
-SPAWNER_BUG = ("agent bug: CreateContainer fails with INTERNAL 'Broken pipe' because the guest's spawner "
-               "exited at start (agent/runtime/spawner.py main(): `os.getppid() == 1` is taken for "
-               "'the agent died', but in the guest the agent itself is PID 1)")
-
-
-def spawner_gone(exc: BaseException) -> bool:
-    """The agent could not reach its container spawner (see SPAWNER_BUG)."""
-    return (isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INTERNAL
-            and "Broken pipe" in (exc.details() or ""))
-
-
 def new_id(prefix: str = "c") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

@@ -15,6 +15,7 @@ def test_guest_details(agent_stub):
                                                                       mem_hotplug_probe=True), timeout=10)
     d = reply.agent_details
     assert d.version and d.init_daemon  # the agent is the guest's PID 1
+    assert d.supports_seccomp  # the image ships libseccomp2
     for handler in ("blk", "virtio-fs", "ephemeral", "local"):
         assert handler in d.storage_handlers, d.storage_handlers
     assert reply.mem_block_size_bytes > 0 and reply.mem_block_size_bytes % 4096 == 0

@@ -100,8 +100,6 @@ def test_blk_hotplug_storage_for_container(q35, stub, images):
     time.sleep(1.0)  # the agent is waiting for the device now
     assert plug_disk(q35, images["disk"], "disk1", "rp1") == pci
     t.join(60)
-    if errors and h.spawner_gone(errors[0]):
-        pytest.skip(h.SPAWNER_BUG)
     assert not errors, errors
     try:
         stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
