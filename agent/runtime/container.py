@@ -132,6 +132,9 @@ HOOK_STAGE = {"Prestart": "prestart", "CreateRuntime": "createRuntime", "Poststa
               "Poststop": "poststop"}
 
 
+DEFAULT_CGROUP_PARENT = "kata-agent"  # containers without Linux.CgroupsPath get kata-agent/<id>
+
+
 class Runtime:
     def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", hook_runner: Any = None) -> None:
         self.spawner = spawner
@@ -143,6 +146,8 @@ class Runtime:
         self._watchers: set[asyncio.Future] = set()
         detect = getattr(cgroups_mod, "detect", None)  # None while that module is being written
         self.cgroups = detect() if detect is not None else None
+        if self.cgroups is not None:
+            self.cgroups.keep(DEFAULT_CGROUP_PARENT)
 
     # --- lookup ---
     def get(self, cid: str) -> Container:
@@ -213,7 +218,7 @@ class Runtime:
     def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
         if self.cgroups is None:
             return None
-        path = cfg.cgroups_path or f"kata-agent/{cfg.id}"
+        path = cfg.cgroups_path or f"{DEFAULT_CGROUP_PARENT}/{cfg.id}"
         cg = self.cgroups.create(path, resources, owner=cfg.id)
         undo.push("remove the cgroup", cg.destroy)
         return cg

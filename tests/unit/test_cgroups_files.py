@@ -52,7 +52,7 @@ def test_swap_on_einval_retries_after_the_next_write(tmp_path, monkeypatch):
     order: list[tuple[str, str]] = []
     failed = []
 
-    def write(path, value):
+    def write(self, path, value):
         name = os.path.basename(path)
         if name == "a" and not failed:
             failed.append(1)
@@ -60,7 +60,7 @@ def test_swap_on_einval_retries_after_the_next_write(tmp_path, monkeypatch):
         order.append((name, value))
 
     fake(tmp_path, a="", b="")
-    monkeypatch.setattr(files, "write", write)
+    monkeypatch.setattr(files.Writer, "write", write)
     plan = Plan([Write("m", (("a", "1"),), "A", swap_on_einval=True), Write("m", (("b", "2"),), "B")])
     applymod.apply(plan, lambda c: str(tmp_path), "p")
     assert order == [("b", "2"), ("a", "1")]
@@ -78,14 +78,14 @@ def test_swap_on_einval_pair_in_order_when_both_succeed(tmp_path):
                                        (errno.EINVAL, "rejected by the kernel")])
 def test_kernel_refusal_names_field_and_undo_restores(tmp_path, monkeypatch, err, text):
     fake(tmp_path, memory__max="1000\n", memory__low="0\n")
-    real = files.write
+    real = files.Writer.write
 
-    def write(path, value):
+    def write(self, path, value):
         if path.endswith("memory.max") and value == "10":
             raise OSError(err, os.strerror(err))
-        real(path, value)
+        real(self, path, value)
 
-    monkeypatch.setattr(files, "write", write)
+    monkeypatch.setattr(files.Writer, "write", write)
     plan = Plan([Write("memory", (("memory.low", "5"),), "Memory.Reservation"),
                  Write("memory", (("memory.max", "10"),), "Memory.Limit",
                        busy="below the current usage")])
@@ -202,13 +202,18 @@ def _v2_manager(root, controllers: str):
 
 def _recording(monkeypatch) -> list[tuple[str, str]]:
     written: list[tuple[str, str]] = []
-    real = files.write
+    real, real_writer = files.write, files.Writer.write
 
     def write(path, value):
         written.append((os.path.basename(path), value))
         real(path, value)
 
+    def writer_write(self, path, value):
+        written.append((os.path.basename(path), value))
+        real_writer(self, path, value)
+
     monkeypatch.setattr(files, "write", write)
+    monkeypatch.setattr(files.Writer, "write", writer_write)
     return written
 
 

@@ -50,11 +50,27 @@ class Undo:
         log.warning("cgroup update: could not restore %s", [p for p, _ in self.saved])
 
 
+# (parent directory, file name) of interface files seen to exist. Which files a cgroup has depends
+# on its hierarchy, its kernel and (v2) the controllers its parent enables, not on the cgroup itself:
+# a file one child of a parent has, its siblings have too. Only presence is remembered, since a
+# controller enabled later makes files appear; a file that vanishes fails its write with ENOENT.
+_SEEN: set[tuple[str, str]] = set()
+
+
+def _exists(directory: str, name: str) -> bool:
+    key = (os.path.dirname(directory), name)
+    if key in _SEEN:
+        return True
+    if os.path.exists(os.path.join(directory, name)):
+        _SEEN.add(key)
+        return True
+    return False
+
+
 def _target(w: Write, directory: str) -> tuple[str, str, str] | None:
     for name, value in w.targets:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            return path, name, value
+        if _exists(directory, name):
+            return os.path.join(directory, name), name, value
     return None
 
 
@@ -68,7 +84,8 @@ def _error(w: Write, prefix: str, value: str, path: str, exc: OSError) -> Except
     return Internal(f"{where}: writing {path}: {os.strerror(exc.errno or 0)}")
 
 
-def _write_one(w: Write, dir_of: Callable[[str], str], prefix: str, undo: Undo | None) -> None:
+def _write_one(w: Write, dir_of: Callable[[str], str], prefix: str, undo: Undo | None,
+               out: files.Writer) -> None:
     directory = dir_of(w.controller)
     found = _target(w, directory)
     if found is None:
@@ -84,7 +101,7 @@ def _write_one(w: Write, dir_of: Callable[[str], str], prefix: str, undo: Undo |
     if undo is not None:
         undo.remember(path, name)
     try:
-        files.write(path, value)
+        out.write(path, value)
     except OSError as exc:
         raise _error(w, prefix, value, path, exc) from None
 
@@ -95,16 +112,20 @@ def apply(plan: Plan, dir_of: Callable[[str], str], prefix: str, undo: Undo | No
     for note in plan.notes:
         log.info("%s.%s", prefix, note)
     writes, i = plan.writes, 0
-    while i < len(writes):
-        w = writes[i]
-        if w.swap_on_einval and i + 1 < len(writes):
-            try:
-                _write_one(w, dir_of, prefix, undo)
-            except InvalidArgument:
-                _write_one(writes[i + 1], dir_of, prefix, undo)
-                _write_one(w, dir_of, prefix, undo)
-                i += 2
-                continue
-        else:
-            _write_one(w, dir_of, prefix, undo)
-        i += 1
+    out = files.Writer()
+    try:
+        while i < len(writes):
+            w = writes[i]
+            if w.swap_on_einval and i + 1 < len(writes):
+                try:
+                    _write_one(w, dir_of, prefix, undo, out)
+                except InvalidArgument:
+                    _write_one(writes[i + 1], dir_of, prefix, undo, out)
+                    _write_one(w, dir_of, prefix, undo, out)
+                    i += 2
+                    continue
+            else:
+                _write_one(w, dir_of, prefix, undo, out)
+            i += 1
+    finally:
+        out.close()
