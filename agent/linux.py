@@ -60,6 +60,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "ppc64le": 173, "s390x": 174, "riscv64": 134}
 
 
 def _check(ret: int, what: str) -> int:
@@ -85,6 +86,14 @@ def umount2(target: str, flags: int = 0) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     nr = _SYS_PIVOT_ROOT[platform.machine()]
     _check(_libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)), "pivot_root")
+
+
+def signal_default(sig: int) -> None:
+    """rt_sigaction(sig, SIG_DFL) by the raw system call: glibc's sigaction refuses its own
+    internal signals (32 and 33), which its posix_spawn leaves ignored in the new program."""
+    act = ctypes.create_string_buffer(32)  # handler SIG_DFL (0), no flags, empty mask
+    _check(_libc.syscall(ctypes.c_long(_SYS_RT_SIGACTION[platform.machine()]), ctypes.c_long(sig),
+                         act, None, ctypes.c_size_t(8)), f"rt_sigaction {sig}")
 
 
 def setns(fd: int, nstype: int = 0) -> None:

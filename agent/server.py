@@ -108,6 +108,8 @@ async def serve(config: Config, spawner=None) -> int:
         loop.add_signal_handler(sig, agent.stopping.set)
 
     REAPER.install(loop)
+    if spawner is not None:
+        spawner.supervise()
     rpc.load_all()
     done = []
     relays: list[Relay] = []

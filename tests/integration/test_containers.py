@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import os
 import pathlib
+import signal
+import time
 
 import grpc
 import pytest
 
 from kata_agent_client.spec import default_config, spec_from_config
+from tests.integration.conftest import descendants
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -270,3 +273,42 @@ def test_cgroup_created_joined_and_removed(agent, busybox_rootfs, container_id):
     assert all(d.is_dir() for d in dirs)
     agent.client.call("RemoveContainer", {"container_id": container_id})
     assert not any(d.exists() for d in dirs)
+
+
+def _spawners(agent) -> list[int]:
+    """The agent's spawner processes (children of the agent running agent.runtime.spawner)."""
+    out = []
+    for pid in descendants(agent.pid):
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"agent.runtime.spawner import main" in cmdline and _parent(pid) == agent.pid:
+            out.append(pid)
+    return out
+
+
+def test_killed_spawner_is_replaced(agent, busybox_rootfs, container_id):
+    """The OOM killer (here: SIGKILL) takes the container spawner: the agent starts a new one,
+    and containers work again. The old spawner's zygote died with it (had it lived, the agent,
+    a subreaper, would have adopted it, and it would show up here as a second spawner)."""
+    [old] = _spawners(agent)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        now = _spawners(agent)
+        if len(now) == 1 and now != [old]:
+            break
+        assert time.monotonic() < deadline, f"spawners: {now}\n{agent.logs()[-2000:]}"
+        time.sleep(0.05)
+    assert "started a new one" in agent.logs()
+    status, out, _ = sh(agent, container_id, busybox_rootfs, "echo back")
+    assert (status, out) == (0, "back\n")
+    assert _spawners(agent) == now
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
