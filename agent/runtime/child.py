@@ -264,8 +264,9 @@ def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
     rootfs = cfg["rootfs"]
     _step("set the root propagation", linux.mount, None, "/", None, cfg["root_propagation"])
     _step(f"bind {rootfs}", linux.mount, rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+    new_cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
     for m in cfg["mounts"]:
-        _mount(rootfs, m)
+        _mount(rootfs, m, new_cgroupns)
     if cfg["default_devices"]:
         _default_devices(rootfs)
     for dev in cfg["devices"]:
@@ -274,10 +275,10 @@ def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
         _bind_console(rootfs)
 
 
-def _mount(rootfs: str, m: dict[str, Any]) -> None:
+def _mount(rootfs: str, m: dict[str, Any], fresh: bool = False) -> None:
     where = f"mount {m['destination']}"
     if m["type"] == "cgroup":
-        return _mount_cgroup(rootfs, m)
+        return _mount_cgroup(rootfs, m, fresh)
     flags = m["flags"]
     if flags & linux.MS_BIND:
         dest = _bind_target(rootfs, m)
@@ -324,17 +325,27 @@ def _cgroup_mounts() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def _mount_cgroup(rootfs: str, m: dict[str, Any]) -> None:
+def _mount_cgroup(rootfs: str, m: dict[str, Any], fresh: bool) -> None:
+    """The container's cgroups at the destination, as runc shows them.
+
+    In a new cgroup namespace (``fresh``) the cgroup file systems are mounted anew: their root is
+    then the namespace's root, the container's own cgroup. Without one, the container's cgroup
+    directories are bind-mounted from the agent's mounts.
+    """
     where = f"mount {m['destination']}"
     dest = _step(where, mkdir_all, rootfs, m["destination"])
     own = _own_cgroups()
     mounts = _cgroup_mounts()
     flags = m["flags"] & ~linux.MS_RDONLY
     if len(mounts) == 1 and mounts[0][1] == "cgroup2":
-        _bind_cgroup(dest, mounts[0][0] + own.get("", "/"), m["flags"], where)
+        point, _, root, _ = mounts[0]
+        if fresh:
+            _step(where, linux.mount, "cgroup", dest, "cgroup2", m["flags"])
+        else:
+            _bind_cgroup(dest, _visible(point, root, own.get("", "/"), where), m["flags"], where)
         return
     _step(where, linux.mount, "tmpfs", dest, "tmpfs", flags, "mode=755")
-    for point, fstype, _root, opts in mounts:
+    for point, fstype, root, opts in mounts:
         name = os.path.basename(point)
         if not name or point == "/sys/fs/cgroup" or fstype == "cgroup2":
             continue  # hybrid: runc shows the v1 hierarchies only
@@ -343,13 +354,29 @@ def _mount_cgroup(rootfs: str, m: dict[str, Any]) -> None:
             continue
         sub = os.path.join(dest, name)
         os.makedirs(sub, exist_ok=True)
-        _bind_cgroup(sub, point + own[controllers], m["flags"], where)
+        if fresh:
+            data = ",".join(o for o in opts.split(",") if o not in ("rw", "ro"))
+            _step(where, linux.mount, "cgroup", sub, "cgroup", m["flags"], data)
+        else:
+            _bind_cgroup(sub, _visible(point, root, own[controllers], where), m["flags"], where)
         if "," in name:
             for alias in name.split(","):
                 if not os.path.lexists(os.path.join(dest, alias)):
                     os.symlink(name, os.path.join(dest, alias))
     if m["flags"] & linux.MS_RDONLY:
         _step(where, linux.mount, None, dest, None, linux.MS_REMOUNT | m["flags"])
+
+
+def _visible(point: str, root: str, path: str, where: str) -> str:
+    """Where cgroup ``path`` (from /proc/self/cgroup) is under a mount of that hierarchy at
+    ``point`` whose root (mountinfo's fourth field) is ``root``."""
+    if root == "/":
+        return point + path if path != "/" else point
+    if path == root:
+        return point
+    if path.startswith(root + "/"):
+        return point + path[len(root):]
+    raise SetupError(f"{where}: cgroup {path} is not below the root {root} of the mount at {point}")
 
 
 def _controllers_of(opts: str, own: dict[str, str]) -> str | None:

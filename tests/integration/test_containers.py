@@ -312,3 +312,27 @@ def _parent(pid: int) -> int:
         return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+@pytest.mark.parametrize("cgroupns", [False, True])
+def test_cgroup_mount_shows_the_container_its_own_cgroup(agent, busybox_rootfs, container_id, cgroupns):
+    """/sys/fs/cgroup/memory inside is the container's own memory cgroup (its limit file, not the
+    agent's kata-agent/ parent), with and without a cgroup namespace. In a cgroup namespace the
+    hierarchies are mounted anew and rooted at the container's cgroup, as runc does; a bind of
+    the agent's mount would show the whole tree there."""
+    if not os.path.isdir("/sys/fs/cgroup/memory"):
+        pytest.skip("no cgroup v1 memory hierarchy here")
+    cfg = make_spec(busybox_rootfs, ["sh", "-c", "ls /sys/fs/cgroup/memory; "
+                                     "cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+                                     "grep ':memory:' /proc/self/cgroup"])
+    cfg["linux"]["resources"] = {"memory": {"limit": 64 << 20}}
+    if cgroupns:
+        cfg["linux"]["namespaces"].append({"type": "cgroup"})
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    lines = out.split()
+    assert str(64 << 20) in lines, out                   # its own limit
+    assert "kata-agent" not in lines and container_id not in lines, out
+    own = [line for line in lines if ":memory:" in line]
+    assert own == ([f"{own[0].split(':')[0]}:memory:/"] if cgroupns else
+                   [f"{own[0].split(':')[0]}:memory:/kata-agent/{container_id}"]), out

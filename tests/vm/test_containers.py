@@ -120,6 +120,21 @@ def test_seccomp_profile_in_guest(stub, ctr, guest):
     assert out.split("\n")[:2] == ["mkdir-failed", "Seccomp:\t2"], (out, err)
 
 
+def test_cgroup_namespace_sees_own_cgroup_v2(stub, ctr):
+    """Pure cgroup v2 in the guest: in a cgroup namespace /sys/fs/cgroup is a fresh cgroup2 mount
+    rooted at the container's own cgroup (no kata-agent/ parent, its own memory.max)."""
+    cid, root = ctr
+    linux = h.default_config(["true"])["linux"]
+    linux["namespaces"] = [*linux["namespaces"], {"type": "cgroup"}]
+    linux["resources"] = {"memory": {"limit": 64 << 20}}
+    status, out, err = h.run(stub, cid, ["sh", "-c", "cat /proc/self/cgroup; ls /sys/fs/cgroup; "
+                                         "cat /sys/fs/cgroup/memory.max"], root, linux=linux)
+    assert status == 0, (out, err)
+    lines = out.split()
+    assert lines[0] == "0::/", out
+    assert "kata-agent" not in lines and "memory.max" in lines and str(64 << 20) in lines, out
+
+
 def test_exec_into_running_container(stub, ctr):
     cid, root = ctr
     h.create(stub, cid, ["sleep", "600"], root)
