@@ -96,8 +96,9 @@ class Policy:
     def check(self, method: str, request: Message) -> None:
         """Raise PermissionDenied naming the rule when ``method`` with ``request`` is denied."""
         decision = self.decide(method, request)
-        log.debug("policy decision", extra={"fields": {
-            "method": method, "allowed": decision.allowed, "rule": decision.rule}})
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("policy decision", extra={"fields": {
+                "method": method, "allowed": decision.allowed, "rule": decision.rule}})
         if not decision.allowed:
             raise PermissionDenied(f"{method}: denied by policy rule {decision.rule!r}")
 
