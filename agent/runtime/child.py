@@ -314,15 +314,18 @@ def _own_cgroups() -> dict[str, str]:
 
 
 def _cgroup_mounts() -> list[tuple[str, str, str, str]]:
-    """(mount point, fs type, mount root, super options) of the cgroup mounts under /sys/fs/cgroup."""
-    out = []
+    """(mount point, fs type, mount root, super options) of the cgroup mounts under /sys/fs/cgroup.
+
+    One per mount point: the last one mounted there, which hides those below it.
+    """
+    out: dict[str, tuple[str, str, str, str]] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
             if rfields[0] in ("cgroup", "cgroup2") and fields[4].startswith("/sys/fs/cgroup"):
-                out.append((fields[4], rfields[0], fields[3], rfields[2]))
-    return out
+                out[fields[4]] = (fields[4], rfields[0], fields[3], rfields[2])
+    return list(out.values())
 
 
 def _mount_cgroup(rootfs: str, m: dict[str, Any], fresh: bool) -> None:
