@@ -50,30 +50,6 @@ class Undo:
         log.warning("cgroup update: could not restore %s", [p for p, _ in self.saved])
 
 
-# (parent directory, file name) of interface files seen to exist. Which files a cgroup has depends
-# on its hierarchy, its kernel and (v2) the controllers its parent enables, not on the cgroup itself:
-# a file one child of a parent has, its siblings have too. Only presence is remembered, since a
-# controller enabled later makes files appear; a file that vanishes fails its write with ENOENT.
-_SEEN: set[tuple[str, str]] = set()
-
-
-def _exists(directory: str, name: str) -> bool:
-    key = (os.path.dirname(directory), name)
-    if key in _SEEN:
-        return True
-    if os.path.exists(os.path.join(directory, name)):
-        _SEEN.add(key)
-        return True
-    return False
-
-
-def _target(w: Write, directory: str) -> tuple[str, str, str] | None:
-    for name, value in w.targets:
-        if _exists(directory, name):
-            return os.path.join(directory, name), name, value
-    return None
-
-
 def _error(w: Write, prefix: str, value: str, path: str, exc: OSError) -> Exception:
     where = f"{prefix}.{w.field}"
     if exc.errno == errno.EBUSY:
@@ -86,24 +62,28 @@ def _error(w: Write, prefix: str, value: str, path: str, exc: OSError) -> Except
 
 def _write_one(w: Write, dir_of: Callable[[str], str], prefix: str, undo: Undo | None,
                out: files.Writer) -> None:
+    """Write the first of ``w.targets`` whose file exists (opening it is the existence check;
+    what must be read first, the current quota or the value to restore, reads nothing when the
+    file is missing)."""
     directory = dir_of(w.controller)
-    found = _target(w, directory)
-    if found is None:
-        if w.optional:
-            log.warning("%s.%s: %s not available here; skipped", prefix, w.field, w.file)
-            return
-        raise InvalidArgument(f"{prefix}.{w.field}: not supported by this kernel "
-                              f"({w.file} is missing)")
-    path, name, value = found
-    if w.keep_quota:
-        current = (files.read_opt(path) or "max").split()
-        value = f"{current[0] if current else 'max'} {value}"
-    if undo is not None:
-        undo.remember(path, name)
-    try:
-        out.write(path, value)
-    except OSError as exc:
-        raise _error(w, prefix, value, path, exc) from None
+    for name, value in w.targets:
+        path = os.path.join(directory, name)
+        if w.keep_quota:
+            current = (files.read_opt(path) or "max").split()
+            value = f"{current[0] if current else 'max'} {value}"
+        if undo is not None:
+            undo.remember(path, name)
+        try:
+            if not out.open(path):
+                continue
+            out.write(path, value)
+        except OSError as exc:
+            raise _error(w, prefix, value, path, exc) from None
+        return
+    if w.optional:
+        log.warning("%s.%s: %s not available here; skipped", prefix, w.field, w.file)
+        return
+    raise InvalidArgument(f"{prefix}.{w.field}: not supported by this kernel ({w.file} is missing)")
 
 
 def apply(plan: Plan, dir_of: Callable[[str], str], prefix: str, undo: Undo | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 U64_MAX = 2**64 - 1
@@ -16,17 +17,26 @@ def write(path: str, value: str) -> None:
 
 
 class Writer:
-    """write() for a sequence of values that keeps the last file open: a run of writes to one
-    file (v1 device rules take one rule per write(2)) then costs one system call per value."""
+    """Writes for a sequence of values that keeps the last file open: a run of writes to one file
+    (v1 device rules take one rule per write(2)) then costs one system call per value."""
 
     def __init__(self) -> None:
         self.path, self.fd = "", -1
 
-    def write(self, path: str, value: str) -> None:
+    def open(self, path: str) -> bool:
+        """Make ``path`` the open file; False when it does not exist."""
         if path != self.path:
             self.close()
-            self.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                self.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return False
             self.path = path
+        return True
+
+    def write(self, path: str, value: str) -> None:
+        if not self.open(path):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         os.write(self.fd, value.encode())
 
     def close(self) -> None:
