@@ -195,8 +195,6 @@ def main() -> None:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != int(sys.argv[1]):
             os._exit(0)  # the agent (possibly PID 1) died before PR_SET_PDEATHSIG took hold
-        for sig in (32, 33):  # posix_spawn left glibc's internal signals ignored: containers would inherit that
-            linux.signal_default(sig)
         _import_tasks()
         from agent.runtime import seccomp
 
@@ -244,15 +242,19 @@ class Spawner:
         status = fut.result()
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW]
+        old_pid, old = self.pid, self.sock
+        old.close()  # requests queued there end now, whatever follows
         if len(self.restarts) >= self.RESTARTS:
             self.gone = (f"the container spawner died {len(self.restarts) + 1} times in "
                          f"{self.RESTART_WINDOW:.0f} s (last wait status {status}); not restarted")
             log.error(self.gone)
-            self.sock.close()
             return
-        old_pid, old = self.pid, self.sock
-        self.pid, self.sock = _spawn()
-        old.close()
+        try:
+            self.pid, self.sock = _spawn()
+        except OSError as exc:
+            self.gone = f"the container spawner died and could not be restarted: {exc}"
+            log.error(self.gone)
+            return
         self.restarts.append(now)
         log.error("the container spawner exited; started a new one",
                   extra={"fields": {"old_pid": old_pid, "status": status, "pid": self.pid}})
