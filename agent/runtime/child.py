@@ -570,13 +570,20 @@ def _step_seccomp(fn: Callable[..., Any], arg: Any) -> Any:
 
 
 def _reset_signals() -> None:
-    """Un-ignore signals (exec resets caught ones itself) and unblock all."""
+    """Un-ignore signals (exec resets caught ones itself) and unblock all.
+
+    glibc keeps its internal signals (32 up to SIGRTMIN) out of valid_signals() and out of
+    sigaction(); its posix_spawn, which started the spawner, leaves them ignored. Those go
+    through the raw system call.
+    """
     for sig in signal.valid_signals():
         try:
             if signal.getsignal(sig) == signal.SIG_IGN:
                 signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
             pass
+    for sig in range(32, signal.SIGRTMIN):
+        linux.signal_default(sig)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
