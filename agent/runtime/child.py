@@ -78,16 +78,9 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
     """
     try:
         _join_paths(cfg["namespaces"])
-        flags = 0
-        for flag, path in cfg["namespaces"]:
-            if not path and flag != linux.CLONE_NEWCGROUP:
-                flags |= flag
-        _step("unshare", linux.unshare, flags)
+        _step("unshare", linux.unshare, _unshare_flags(cfg))
         if cgroup is None:  # the agent creates the cgroup meanwhile, and sends it next
-            msg = sync.recv(1 << 16)
-            if not msg:
-                os._exit(0)  # the agent gave up (its undo removed what it made)
-            cgroup = json.loads(msg)["cgroup"]
+            cgroup = _receive_cgroup(sync)
         # Opened before the fork: the init's pivot_root changes this process's root too.
         target = _open_cgroup(cgroup)
         reported_r, reported_w = os.pipe()  # EOF: the agent has the init's pid
@@ -104,6 +97,44 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
     send(sync, {"pid": pid})
     os.close(reported_w)
     os._exit(0)
+
+
+def init_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
+                   cgroup: dict[str, Any] | None) -> NoReturn:
+    """A CreateContainer taken by a zygote born as PID 1 of a new PID namespace and re-parented
+    to the agent (agent.runtime.spawner): it becomes the container's init itself. No fork while
+    the client waits, and none of the intermediate's copy-on-write faults.
+
+    It moves itself into the cgroup, one thread per v1 hierarchy (see ``_enter_cgroup``); the
+    agent sends only containers without a v2 cgroup this way.
+    """
+    try:
+        send(sync, {"pid": int(os.readlink("/proc/self"))})  # /proc is still the agent's
+        _join_paths(cfg["namespaces"])
+        _step("unshare", linux.unshare, _unshare_flags(cfg) & ~linux.CLONE_NEWPID)
+        if cgroup is None:
+            cgroup = _receive_cgroup(sync)
+        _enter_cgroup(_open_cgroup(cgroup))
+    except (OSError, SetupError) as exc:
+        fail(sync, str(exc))
+    _container_init(cfg, sync, stdio, -1)
+
+
+def _unshare_flags(cfg: dict[str, Any]) -> int:
+    """The namespaces to create (the cgroup one is made by the init, once in its cgroup)."""
+    flags = 0
+    for flag, path in cfg["namespaces"]:
+        if not path and flag != linux.CLONE_NEWCGROUP:
+            flags |= flag
+    return flags
+
+
+def _receive_cgroup(sync: socket.socket) -> dict[str, Any]:
+    """The cgroup the agent made meanwhile; EOF means it gave up (its undo removed what it made)."""
+    msg = sync.recv(1 << 16)
+    if not msg:
+        os._exit(0)
+    return json.loads(msg)["cgroup"]
 
 
 def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], cgroup: dict[str, Any]) -> NoReturn:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import linux
 from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci import ContainerConfig, ProcessConfig
 from agent.runtime import seccomp
@@ -187,7 +188,7 @@ class Runtime:
             # waits for the cgroup's directories (or EOF) before it forks the init.
             req = {"op": "create", "config": dataclasses.asdict(cfg), "cgroup": None}
             try:
-                sync = self.spawner.request(req, child_fds)
+                sync = self.spawner.request(req, child_fds, new_pidns=self._init_is_zygote(cfg))
             finally:
                 for fd in set(child_fds):
                     os.close(fd)
@@ -214,6 +215,15 @@ class Runtime:
             hooks = list(getattr(c.hooks, name))
             if hooks:
                 await self.hook_runner(hooks, c.state(status), HOOK_STAGE[name])
+
+    def _init_is_zygote(self, cfg: ContainerConfig) -> bool:
+        """Whether the spawner's PID 1 zygote can be this container's init (the short way): the
+        container gets a new PID namespace, and has no v2 cgroup. The zygote joins its cgroup
+        by moving itself; on v2 that is a cgroup.procs write, which waits for an RCU grace
+        period (about 6 ms here), while the long way forks the init into its v2 cgroup."""
+        if not cfg.new_namespace(linux.CLONE_NEWPID):
+            return False
+        return self.cgroups is None or self.cgroups.layout.v2 is None
 
     def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
         if self.cgroups is None:

@@ -1,10 +1,15 @@
 """The spawner: a single-threaded process, forked before grpc exists, that forks every container.
 
-``start_spawner(cfg)`` (called by agent.__main__ while the agent is still single-threaded) forks
+``start_spawner(cfg)`` (called by agent.__main__ while the agent is still single-threaded) starts
 it. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
 first fd being the child's end of a fresh per-request ``sync`` socketpair. The spawner forks an
 intermediate child that does the work (agent.runtime.child) and reports on ``sync``; the spawner
 itself never answers, so the agent side needs no request ids.
+
+CreateContainer requests whose container gets a new PID namespace take a shorter way, on a socket
+of their own: a zygote born as PID 1 of a fresh PID namespace, and re-parented to the agent, takes
+the request and becomes the container's init itself (no intermediate, no fork while the client
+waits; see ``_serve``).
 
 Other areas run code in a forked child with ``await agent.spawner.run_task(name, args, fds)``;
 the function is registered with ``@task("name")`` in a module listed in TASK_MODULES.
@@ -12,6 +17,7 @@ the function is registered with ``@task("name")`` in a module listed in TASK_MOD
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -54,13 +60,18 @@ def _import_tasks() -> None:
 
 # --- the spawner process ------------------------------------------------------------------------
 
-def _serve(sock: socket.socket) -> None:
-    """Keep one forked "zygote" waiting on the agent's socket, so that no request waits for a fork.
+def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> None:
+    """Keep one forked "zygote" waiting on each of the agent's sockets, so no request waits for a fork.
 
-    The zygote takes one request, tells the spawner (``taken``), and becomes the request's
-    intermediate child; the spawner then forks the next zygote and reaps the old ones.
+    A zygote takes one request, tells the spawner (``taken``), and serves it; the spawner then
+    forks the next zygote for that socket and reaps the old ones. The zygote on ``sock`` becomes
+    the request's intermediate child. The one on ``init_sock`` (CreateContainer in a new PID
+    namespace) is born as PID 1 of a new PID namespace by a helper that exits at once, so that it
+    is the agent's child (the agent is a child subreaper): it becomes the container's init.
+    Where a new PID namespace cannot be made, a plain zygote serves ``init_sock`` the long way.
     """
     import gc
+    import select
 
     from agent.runtime import child
 
@@ -70,24 +81,87 @@ def _serve(sock: socket.socket) -> None:
     gc.freeze()
 
     me = os.getpid()
+    sockets = (sock, init_sock)
+    waiting: dict[int, tuple[socket.socket, bool]] = {}  # "taken" pipe -> (socket, PID 1 zygote)
+    pidns_ok = True  # False once a PID 1 zygote could not be made or did not live
     while True:
-        taken_r, taken_w = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
+        for s in sockets:
+            if any(s is w for w, _ in waiting.values()):
+                continue
+            taken_r, taken_w = os.pipe()
+            pidns = s is init_sock and pidns_ok
+            try:
+                if pidns:
+                    pidns = pidns_ok = _fork_pidns_zygote(child, sockets, taken_w, agent_pid)
+                if not pidns:
+                    _fork_zygote(child, s, sockets, taken_w, me)
+            except OSError:
+                os.close(taken_r)
+                _reap(block=True)  # out of processes: wait for one of ours to go
+                continue
+            finally:
+                os.close(taken_w)
+            waiting[taken_r] = (s, pidns)
+        ready, _, _ = _select(select.select, list(waiting))
+        for taken_r in ready:
+            word = _read_word(taken_r)  # b"t": taken, b"q": the agent is gone, b"": it died
             os.close(taken_r)
-            os.close(taken_w)
-            _reap(block=True)  # out of processes: wait for one of ours to go
-            continue
-        if pid == 0:
-            os.close(taken_r)
-            _zygote(child, sock, taken_w, me)
-        os.close(taken_w)
-        word = _read_word(taken_r)  # b"t": taken, b"q": the agent is gone, b"": it died
-        os.close(taken_r)
+            _, pidns = waiting.pop(taken_r)
+            if word == b"q":
+                os._exit(0)
+            if not word and pidns:
+                pidns_ok = False  # e.g. the agent is no child subreaper: serve creates the long way
         _reap()
-        if word == b"q":
+
+
+def _select(select_fn, fds: list[int]):
+    while True:
+        try:
+            return select_fn(fds, [], [])
+        except InterruptedError:
+            continue
+
+
+def _fork_zygote(child, sock: socket.socket, sockets, taken_w: int, spawner: int) -> None:
+    if os.fork() == 0:
+        _zygote(child, sock, sockets, taken_w, spawner, pidns=False)
+
+
+def _fork_pidns_zygote(child, sockets, taken_w: int, agent_pid: int) -> bool:
+    """Fork a helper that forks the zygote as PID 1 of a new PID namespace and exits, which
+    re-parents the zygote to the agent. False when no PID namespace can be made here."""
+    ok_r, ok_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(ok_r)
+            linux.unshare(linux.CLONE_NEWPID)
+            gone_r, gone_w = os.pipe()  # EOF: the helper is exiting
+            if os.fork() == 0:
+                os.close(ok_w)
+                os.close(gone_w)
+                _read_word(gone_r)
+                os.close(gone_r)
+                _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
+            os.write(ok_w, b"k")
+        finally:
             os._exit(0)
+    os.close(ok_w)
+    ok = _read_word(ok_r) == b"k"
+    os.close(ok_r)
+    _wait_for(helper)
+    return ok
+
+
+def _wait_for(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return
 
 
 def _read_word(fd: int) -> bytes:
@@ -109,13 +183,18 @@ def _reap(block: bool = False) -> None:
             return
 
 
-def _zygote(child, sock: socket.socket, taken: int, spawner: int) -> None:
+def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns: bool) -> None:
     try:
-        # A zygote dies with its spawner: the requests queued for it then end (their sync
-        # sockets close) instead of waiting for a zygote that never comes.
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != spawner:
-            os._exit(0)
+        if pidns:
+            # The agent's child (re-parented), not the spawner's: no PR_SET_PDEATHSIG, which the
+            # re-parenting itself would fire. It ends when the agent closes the socket.
+            _until_parent(parent)
+        else:
+            # A zygote dies with its spawner: the requests queued for it then end (their sync
+            # sockets close) instead of waiting for a zygote that never comes.
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(0)
         while True:
             try:
                 msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
@@ -127,11 +206,33 @@ def _zygote(child, sock: socket.socket, taken: int, spawner: int) -> None:
             os._exit(0)
         os.write(taken, b"t")
         os.close(taken)
-        sock.close()
+        for s in sockets:
+            s.close()
         os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
-        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:])
+        req = json.loads(msg)
+        sync = socket.socket(fileno=fds[0])
+        if pidns:
+            if req.get("op") != "create":
+                child.fail(sync, f"spawner: {req.get('op')!r} request on the init socket")
+            child.init_container(req["config"], sync, fds[1:], req.get("cgroup"))
+        _child(child, req, sync, fds[1:])
     finally:
         os._exit(1)
+
+
+def _until_parent(parent: int) -> None:
+    """Wait until this process's parent is ``parent``: its first parent is exiting (its pipe is
+    closed), and the re-parenting follows a moment later.
+
+    getppid() says 0 in a new PID namespace; /proc (still the agent's) says the real pid.
+    """
+    for _ in range(1000):
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        if int(stat[stat.rindex(b")") + 2:].split()[1]) == parent:
+            return
+        os.sched_yield()
+    os._exit(1)  # not the agent's child (the agent is no child subreaper): the spawner falls back
 
 
 def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> None:
@@ -151,7 +252,8 @@ def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> N
         child.fail(sync, f"{type(exc).__name__}: {exc}")
 
 
-SPAWNER_FD = 3
+SPAWNER_FD = 3  # the spawner's end of the agent's socket for all requests
+INIT_FD = 4  # ... and of the one for CreateContainer in a new PID namespace
 
 
 def start_spawner(cfg: Any = None) -> "Spawner":
@@ -161,30 +263,30 @@ def start_spawner(cfg: Any = None) -> "Spawner":
     (Spawner.supervise). A small spawner forks faster (page tables, copy-on-write): about 0.6 ms
     instead of 1.6 ms here.
     """
-    pid, sock = _spawn()
-    return Spawner(pid, sock)
+    return Spawner(*_spawn())
 
 
-def _spawn() -> tuple[int, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def _spawn() -> tuple[int, socket.socket, socket.socket]:
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in (SPAWNER_FD, INIT_FD)]
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     argv = [sys.executable, "-S", "-c", "from agent.runtime.spawner import main; main()", str(os.getpid())]
-    src = theirs.fileno()
-    if src == SPAWNER_FD:  # dup2(3, 3) would leave close-on-exec set
-        src = os.dup(src)
+    # Duplicated above the targets first, so that no dup2 overwrites a source still to be used.
+    sources = [fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for _, theirs in pairs]
     try:
-        pid = os.posix_spawn(sys.executable, argv, env,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, src, SPAWNER_FD)])
+        pid = os.posix_spawn(sys.executable, argv, env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, src, target) for src, target in zip(sources, (SPAWNER_FD, INIT_FD))])
     except BaseException:
-        ours.close()
+        for ours, _ in pairs:
+            ours.close()
         raise
     finally:
-        if src != theirs.fileno():
+        for src in sources:
             os.close(src)
-        theirs.close()
-    return pid, ours
+        for _, theirs in pairs:
+            theirs.close()
+    return pid, pairs[0][0], pairs[1][0]
 
 
 def main() -> None:
@@ -193,15 +295,18 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != int(sys.argv[1]):
+        agent_pid = int(sys.argv[1])
+        if os.getppid() != agent_pid:
             os._exit(0)  # the agent (possibly PID 1) died before PR_SET_PDEATHSIG took hold
         _import_tasks()
         from agent.runtime import seccomp
 
         seccomp.preload()  # mapped before any child pivots into a rootfs without it
-        sock = socket.socket(fileno=SPAWNER_FD)
-        os.set_inheritable(SPAWNER_FD, False)
-        _serve(sock)
+        socks = []
+        for fd in (SPAWNER_FD, INIT_FD):
+            socks.append(socket.socket(fileno=fd))
+            os.set_inheritable(fd, False)
+        _serve(*socks, agent_pid)
     finally:
         os._exit(1)
 
@@ -214,9 +319,10 @@ class Spawner:
     RESTARTS = 5  # at most this many restarts ...
     RESTART_WINDOW = 60.0  # ... within this many seconds; then requests fail
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
+    def __init__(self, pid: int, sock: socket.socket, init_sock: socket.socket | None = None) -> None:
         self.pid = pid
-        self.sock = sock
+        self.sock = sock  # every request
+        self.init_sock = init_sock  # CreateContainer in a new PID namespace (None: on ``sock``)
         self.closed = False
         self.gone = ""  # why there is no spawner any more (requests fail with it)
         self.restarts: list[float] = []  # monotonic times of the restarts
@@ -242,15 +348,15 @@ class Spawner:
         status = fut.result()
         now = time.monotonic()
         self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW]
-        old_pid, old = self.pid, self.sock
-        old.close()  # requests queued there end now, whatever follows
+        old_pid = self.pid
+        self._close_sockets()  # requests queued there end now, whatever follows
         if len(self.restarts) >= self.RESTARTS:
             self.gone = (f"the container spawner died {len(self.restarts) + 1} times in "
                          f"{self.RESTART_WINDOW:.0f} s (last wait status {status}); not restarted")
             log.error(self.gone)
             return
         try:
-            self.pid, self.sock = _spawn()
+            self.pid, self.sock, self.init_sock = _spawn()
         except OSError as exc:
             self.gone = f"the container spawner died and could not be restarted: {exc}"
             log.error(self.gone)
@@ -260,13 +366,19 @@ class Spawner:
                   extra={"fields": {"old_pid": old_pid, "status": status, "pid": self.pid}})
         self.supervise()
 
-    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> socket.socket:
-        """Send ``req`` with ``fds``; returns the agent's end of the request's sync socket."""
+    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+                new_pidns: bool = False) -> socket.socket:
+        """Send ``req`` with ``fds``; returns the agent's end of the request's sync socket.
+
+        ``new_pidns``: a create whose container gets a new PID namespace; its init is then the
+        zygote itself, and its first report (the pid) comes from the init.
+        """
         if self.gone:
             raise SpawnError(self.gone)
+        sock = self.init_sock if new_pidns and self.init_sock is not None else self.sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            socket.send_fds(self.sock, [json.dumps(req).encode()], [theirs.fileno(), *fds])
+            socket.send_fds(sock, [json.dumps(req).encode()], [theirs.fileno(), *fds])
         except BaseException:
             ours.close()
             raise
@@ -289,7 +401,12 @@ class Spawner:
 
     def close(self) -> None:
         self.closed = True
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self.sock.close()
+        if self.init_sock is not None:
+            self.init_sock.close()
 
 
 async def receive(sync: socket.socket) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ def descendants(pid: int) -> list[int]:
 
 
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
+UNIFIED = CGROUP_ROOT / "unified"  # the cgroup2 mount of a hybrid host
 
 
 def agent_cgroups() -> set[pathlib.Path]:
@@ -77,14 +78,20 @@ def remove_new_cgroups(before: set[pathlib.Path]) -> None:
 class AgentProcess:
     """A running agent: ``client`` is a kata_agent_client.AgentClient connected to it."""
 
-    def __init__(self, tmp: pathlib.Path, extra_args: list[str] | None = None, env: dict | None = None):
+    def __init__(self, tmp: pathlib.Path, extra_args: list[str] | None = None, env: dict | None = None,
+                 cgroup_v1_only: bool = False):
         self._cgroups_before = agent_cgroups()
         self.port = free_port()
         self.addr = f"tcp://127.0.0.1:{self.port}"
         self.log_path = tmp / f"agent-{self.port}.log"
         self._log = open(self.log_path, "wb")
+        # cgroup_v1_only: the hybrid cgroup2 mount is unmounted in the agent's private mount
+        # namespace, so that it sees (and uses) the v1 hierarchies alone, as on a v1 host.
+        setup = "mount -t tmpfs -o mode=755 agent-run /run"
+        if cgroup_v1_only:
+            setup += f" && umount -l {UNIFIED}"
         cmd = ["unshare", "--mount", "--propagation", "private", "--",
-               "sh", "-c", 'mount -t tmpfs -o mode=755 agent-run /run && exec "$@"', "sh",
+               "sh", "-c", setup + ' && exec "$@"', "sh",
                sys.executable, "-m", "agent", "--server-addr", self.addr, "--log-level", "debug",
                "--cmdline-file", "/dev/null", *(extra_args or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
@@ -141,8 +148,8 @@ class AgentProcess:
 def agent_factory(tmp_path):
     started: list[AgentProcess] = []
 
-    def start(extra_args=None, env=None) -> AgentProcess:
-        a = AgentProcess(tmp_path, extra_args, env)
+    def start(extra_args=None, env=None, **kw) -> AgentProcess:
+        a = AgentProcess(tmp_path, extra_args, env, **kw)
         started.append(a)
         return a
 

@@ -13,7 +13,19 @@ import pytest
 
 from kata_agent_client.spec import default_config, spec_from_config
 
+from tests.integration.conftest import UNIFIED
+
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(params=["as-mounted", "v1-only"])
+def agent(request, agent_factory):
+    """Each test runs twice. With the cgroups as mounted here (hybrid), a container's init is
+    forked by the spawner's intermediate child, into its v2 cgroup. With the cgroup2 mount hidden
+    (v1 only), the spawner's waiting PID 1 zygote becomes the init (agent.runtime.spawner)."""
+    if request.param == "v1-only" and not os.path.ismount(UNIFIED):
+        pytest.skip(f"no hybrid cgroup2 mount at {UNIFIED} to hide")
+    return agent_factory(cgroup_v1_only=request.param == "v1-only")
 
 
 def make_spec(rootfs, args, **overrides):
@@ -243,7 +255,7 @@ def _agent_pid(agent) -> int:
 
 def test_nothing_left_behind_and_id_reusable(agent, busybox_rootfs, container_id):
     before_mounts = _mount_count(_agent_pid(agent))
-    children_before = set(os.listdir(f"/proc/{agent.pid}/task/{agent.pid}")) and _children(agent.pid)
+    children_before = _workers(agent)
     bad = make_spec(busybox_rootfs, ["true"])
     bad["mounts"].append({"destination": "/x", "type": "nosuchfs", "source": "none"})
     code, msg = _code(agent, "CreateContainer", {"container_id": container_id, "OCI": _json(bad)})
@@ -252,12 +264,39 @@ def test_nothing_left_behind_and_id_reusable(agent, busybox_rootfs, container_id
         status, out, _ = sh(agent, container_id, busybox_rootfs, "echo again")
         assert (status, out) == (0, "again\n")
     assert _mount_count(_agent_pid(agent)) == before_mounts
-    assert _children(agent.pid) == children_before
+    assert _workers(agent) == children_before
 
 
 def _children(pid: int) -> set[str]:
     text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
     return set(text.split())
+
+
+def _workers(agent) -> set[str]:
+    """The agent's children but its idle PID 1 zygote (a new one follows each that is taken)."""
+    return {p for p in _children(agent.pid) if p not in map(str, _zygotes(agent))}
+
+
+def _spawner_processes(agent) -> list[int]:
+    """The agent's children that run agent.runtime.spawner: the spawner, and the PID 1 zygote
+    (forked by it, adopted by the agent)."""
+    out = []
+    for pid in sorted(int(p) for p in _children(agent.pid)):
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"agent.runtime.spawner import main" in cmdline:
+            out.append(pid)
+    return out
+
+
+def _own_pidns(pid: int, agent) -> bool:
+    return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{agent.pid}/ns/pid")
+
+
+def _zygotes(agent) -> list[int]:
+    return [p for p in _spawner_processes(agent) if not _own_pidns(p, agent)]
 
 
 def test_cgroup_created_joined_and_removed(agent, busybox_rootfs, container_id):
@@ -275,30 +314,24 @@ def test_cgroup_created_joined_and_removed(agent, busybox_rootfs, container_id):
 
 
 def _spawners(agent) -> list[int]:
-    """The agent's children that run agent.runtime.spawner (a zygote the agent adopted too)."""
-    out = []
-    for pid in sorted(int(p) for p in _children(agent.pid)):
-        try:
-            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"agent.runtime.spawner import main" in cmdline:
-            out.append(pid)
-    return out
+    """The spawner processes among the agent's children (in the agent's PID namespace)."""
+    return [p for p in _spawner_processes(agent) if _own_pidns(p, agent)]
 
 
 def test_killed_spawner_is_replaced(agent, busybox_rootfs, container_id):
     """The OOM killer (here: SIGKILL) takes the container spawner: the agent starts a new one,
     and containers work again. The old spawner's zygote died with it (had it lived, the agent,
-    a subreaper, would have adopted it, and it would show up here as a second spawner)."""
+    a subreaper, would have adopted it, and it would show up here as a second spawner). The old
+    PID 1 zygote, the agent's child, ends when the agent closes the old spawner's sockets."""
     [old] = _spawners(agent)
+    old_zygotes = _zygotes(agent)
     os.kill(old, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while True:
-        now = _spawners(agent)
-        if len(now) == 1 and now != [old]:
+        now, zygotes = _spawners(agent), _zygotes(agent)
+        if len(now) == 1 and now != [old] and len(zygotes) == 1 and zygotes != old_zygotes:
             break
-        assert time.monotonic() < deadline, f"spawners: {now}\n{agent.logs()[-2000:]}"
+        assert time.monotonic() < deadline, f"spawners: {now}, zygotes {zygotes}\n{agent.logs()[-2000:]}"
         time.sleep(0.05)
     assert "started a new one" in agent.logs()
     status, out, _ = sh(agent, container_id, busybox_rootfs, "echo back")
@@ -328,3 +361,32 @@ def test_cgroup_mount_shows_the_container_its_own_cgroup(agent, busybox_rootfs, 
     own = [line for line in lines if ":memory:" in line]
     assert own == ([f"{own[0].split(':')[0]}:memory:/"] if cgroupns else
                    [f"{own[0].split(':')[0]}:memory:/kata-agent/{container_id}"]), out
+
+
+def _start_ticks(pid: int) -> int:
+    stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _now_ticks() -> int:
+    return int(float(pathlib.Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def test_which_process_becomes_the_init(agent, busybox_rootfs, container_id):
+    """v1 only: the init is the PID 1 zygote that waited before the request came, the agent's
+    own child. As mounted (with a v2 cgroup): it is forked during the request, and adopted by the
+    agent when its parent, the intermediate, exits. Both are PID 1 in the container."""
+    v1_only = not os.path.ismount(f"/proc/{agent.pid}/root{UNIFIED}")
+    time.sleep(0.3)  # the waiting zygote is 30 clock ticks old by now
+    before = _now_ticks()
+    create(agent, container_id, make_spec(busybox_rootfs, ["sh", "-c", "echo $$"]))
+    [init] = [p for p in map(int, _children(agent.pid))
+              if os.path.isdir(f"/proc/{p}") and f"/{container_id}" in pathlib.Path(f"/proc/{p}/cgroup").read_text()]
+    if v1_only:
+        assert _start_ticks(init) < before - 10
+    else:
+        assert _start_ticks(init) >= before - 1
+    agent.client.call("StartContainer", {"container_id": container_id})
+    assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 0
+    assert read_all(agent, container_id) == b"1\n"
+    agent.client.call("RemoveContainer", {"container_id": container_id})

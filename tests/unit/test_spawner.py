@@ -41,8 +41,9 @@ def test_restarts_stop_after_the_limit(monkeypatch):
 
     def fake_spawn():
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        spawned.append(b)
-        return 1000 + len(spawned), a
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spawned.extend((b, d))
+        return 1000 + len(spawned), a, c
 
     monkeypatch.setattr(spawner_mod, "_spawn", fake_spawn)
     monkeypatch.setattr(spawner_mod.Spawner, "supervise", lambda self: None)
