@@ -2,7 +2,7 @@
 
 ``validate(spec)`` checks everything the runtime relies on and raises ``InvalidArgument`` naming
 the field (``OCI.Mounts[3].destination: not absolute``). ``convert(spec)`` then builds plain
-dataclasses that the spawner receives as JSON (``dataclasses.asdict``): numbers and flags are
+dataclasses that the spawner receives as JSON (their fields as objects): numbers and flags are
 computed here once, so the forked child only makes syscalls.
 """
 

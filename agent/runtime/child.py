@@ -296,17 +296,24 @@ def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
     _step("set the root propagation", linux.mount, None, "/", None, cfg["root_propagation"])
     _step(f"bind {rootfs}", linux.mount, rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
     new_cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
+    fresh_dev = None  # the tmpfs this init mounts at /dev, if the spec has one
     for m in cfg["mounts"]:
-        _mount(rootfs, m, new_cgroupns)
+        dest = _mount(rootfs, m, new_cgroupns)
+        if m["type"] == "tmpfs" and os.path.normpath(m["destination"]) == "/dev":
+            fresh_dev = dest
     if cfg["default_devices"]:
-        _default_devices(rootfs)
+        if fresh_dev is not None:
+            _default_devices_in(fresh_dev)
+        else:
+            _default_devices(rootfs)
     for dev in cfg["devices"]:
         _make_device(rootfs, dev)
     if terminal:
         _bind_console(rootfs)
 
 
-def _mount(rootfs: str, m: dict[str, Any], fresh: bool = False) -> None:
+def _mount(rootfs: str, m: dict[str, Any], fresh: bool = False) -> str | None:
+    """Mount ``m`` in the rootfs; returns where (None for a cgroup mount)."""
     where = f"mount {m['destination']}"
     if m["type"] == "cgroup":
         return _mount_cgroup(rootfs, m, fresh)
@@ -321,6 +328,7 @@ def _mount(rootfs: str, m: dict[str, Any], fresh: bool = False) -> None:
         _step(where, linux.mount, m["source"], dest, m["type"], flags, m["data"] or None)
     for p in m["propagation"]:
         _step(where, linux.mount, None, dest, None, p)
+    return dest
 
 
 def _bind_target(rootfs: str, m: dict[str, Any]) -> str:
@@ -438,6 +446,38 @@ def _default_devices(rootfs: str) -> None:
         full = secure_join(rootfs, "/dev/core")
         if not os.path.lexists(full):
             os.symlink("/proc/kcore", full)
+
+
+def _default_devices_in(dev: str) -> None:
+    """The default nodes and links in a tmpfs this init has just mounted at /dev (``dev``): it
+    holds nothing but what the spec mounted below it, so each name is made under one directory
+    fd, with no path to resolve. A name the spec mounted something at is left to that mount.
+    Owned by root, as made (umask is 0 here)."""
+    fd = _step("open /dev", os.open, dev, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_RDONLY)
+    try:
+        for path, major, minor in DEFAULT_DEVICES:
+            name = os.path.basename(path)
+            try:
+                os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=fd)
+            except FileExistsError:
+                continue
+            except PermissionError:  # no CAP_MKNOD: bind the host's node, as runc does
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+                _step(f"device {path}", linux.mount, path, os.path.join(dev, name), None, linux.MS_BIND)
+            except OSError as exc:
+                raise SetupError(f"device {path}: {exc.strerror}") from None
+        links = [(target, os.path.basename(link)) for target, link in DEV_LINKS]
+        if os.path.exists("/proc/kcore"):
+            links.append(("/proc/kcore", "core"))
+        for target, name in links:
+            try:
+                os.symlink(target, name, dir_fd=fd)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SetupError(f"symlink /dev/{name}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _make_device(rootfs: str, dev: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -186,7 +185,7 @@ class Runtime:
             undo.push("close stdio", stdio.close)
             # The cgroup is made while the spawner's child joins and unshares namespaces; it
             # waits for the cgroup's directories (or EOF) before it forks the init.
-            req = {"op": "create", "config": dataclasses.asdict(cfg), "cgroup": None}
+            req = {"op": "create", "config": cfg, "cgroup": None}
             try:
                 sync = self.spawner.request(req, child_fds, new_pidns=self._init_is_zygote(cfg))
             finally:
@@ -287,9 +286,9 @@ class Runtime:
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
-        req = {"op": "exec", "init_pid": c.init_pid, "process": dataclasses.asdict(proc_cfg),
+        req = {"op": "exec", "init_pid": c.init_pid, "process": proc_cfg,
                "cgroup": _cgroup_dirs(c.cgroup),
-               "seccomp": dataclasses.asdict(c.config.seccomp) if c.config.seccomp is not None else None}
+               "seccomp": c.config.seccomp}
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
             try:

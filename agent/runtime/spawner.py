@@ -378,7 +378,7 @@ class Spawner:
         sock = self.init_sock if new_pidns and self.init_sock is not None else self.sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            socket.send_fds(sock, [json.dumps(req).encode()], [theirs.fileno(), *fds])
+            socket.send_fds(sock, [json.dumps(req, default=_fields).encode()], [theirs.fileno(), *fds])
         except BaseException:
             ours.close()
             raise
@@ -407,6 +407,16 @@ class Spawner:
         self.sock.close()
         if self.init_sock is not None:
             self.init_sock.close()
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass in a request, as JSON: its fields (json recurses; ``dataclasses.asdict``
+    would deep-copy everything first, at several times the cost)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError(f"{type(obj).__name__} in a spawner request")
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
 async def receive(sync: socket.socket) -> dict[str, Any] | None:
