@@ -387,6 +387,7 @@ def _mount_cgroup(rootfs: str, m: dict[str, Any], fresh: bool) -> None:
             _bind_cgroup(dest, _visible(point, root, own.get("", "/"), where), m["flags"], where)
         return
     _step(where, linux.mount, "tmpfs", dest, "tmpfs", flags, "mode=755")
+    binds = []  # their flags are set below, all at once where the kernel can
     for point, fstype, root, opts in mounts:
         name = os.path.basename(point)
         if not name or point == "/sys/fs/cgroup" or fstype == "cgroup2":
@@ -400,13 +401,46 @@ def _mount_cgroup(rootfs: str, m: dict[str, Any], fresh: bool) -> None:
             data = ",".join(o for o in opts.split(",") if o not in ("rw", "ro"))
             _step(where, linux.mount, "cgroup", sub, "cgroup", m["flags"], data)
         else:
-            _bind_cgroup(sub, _visible(point, root, own[controllers], where), m["flags"], where)
+            _step(where, linux.mount, _visible(point, root, own[controllers], where), sub, None,
+                  linux.MS_BIND | linux.MS_REC)
+            binds.append(sub)
         if "," in name:
             for alias in name.split(","):
                 if not os.path.lexists(os.path.join(dest, alias)):
                     os.symlink(name, os.path.join(dest, alias))
-    if m["flags"] & linux.MS_RDONLY:
-        _step(where, linux.mount, None, dest, None, linux.MS_REMOUNT | m["flags"])
+    if binds:
+        _bind_flags(dest, binds, m["flags"], where)
+
+
+def _bind_flags(dest: str, binds: list[str], flags: int, where: str) -> None:
+    """Give the cgroup binds under the tmpfs at ``dest`` the mount's flags. The tmpfs stays
+    writable, as runc leaves it."""
+    try:  # every bind at once (and the tmpfs, made writable again)
+        linux.mount_setattr(dest, *_mount_attrs(flags))
+        if flags & linux.MS_RDONLY:
+            linux.mount_setattr(dest, 0, linux.MOUNT_ATTR_RDONLY, recursive=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            raise SetupError(f"{where}: {exc.strerror}") from None
+        for sub in binds:  # before Linux 5.12 (or under a seccomp filter that refuses it)
+            _step(where, linux.mount, None, sub, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
+
+
+_ATTRS = [(linux.MS_RDONLY, linux.MOUNT_ATTR_RDONLY), (linux.MS_NOSUID, linux.MOUNT_ATTR_NOSUID),
+          (linux.MS_NODEV, linux.MOUNT_ATTR_NODEV), (linux.MS_NOEXEC, linux.MOUNT_ATTR_NOEXEC),
+          (linux.MS_NODIRATIME, linux.MOUNT_ATTR_NODIRATIME)]
+
+
+def _mount_attrs(flags: int) -> tuple[int, int]:
+    """(attr_set, attr_clr) for mount_setattr that leave a mount as a bind remount with ``flags``
+    would: the flags given set, the others cleared, relatime unless noatime or strictatime."""
+    attr_set = sum(attr for ms, attr in _ATTRS if flags & ms)
+    attr_clr = sum(attr for ms, attr in _ATTRS if not flags & ms) | linux.MOUNT_ATTR__ATIME
+    if flags & linux.MS_NOATIME:
+        attr_set |= linux.MOUNT_ATTR_NOATIME
+    elif flags & linux.MS_STRICTATIME:
+        attr_set |= linux.MOUNT_ATTR_STRICTATIME
+    return attr_set, attr_clr
 
 
 def _visible(point: str, root: str, path: str, where: str) -> str:

@@ -1,6 +1,6 @@
 """Differential tests: the same config.json under Debian's runc and under the agent must give the
 container the same view of itself (ids, caps, NoNewPrivs, rlimits, env, cwd, hostname, mounts, /dev,
-namespaces)."""
+namespaces, and the flags of each cgroup mount)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ echo "== env"; env | sort
 echo "== cwd"; pwd
 echo "== hostname"; hostname
 echo "== mounts"; awk '{ split($0, a, " - "); split(a[2], b, " "); print $5, b[1] }' /proc/self/mountinfo
+echo "== cgroup mount flags"; awk '$5 ~ /^\/sys\/fs\/cgroup/ { print $5, $6 }' /proc/self/mountinfo
 echo "== dev"; ls -l /dev | awk '{ print substr($1, 1, 1), $1, $3, $4, $9, $10, $11 }' | sort
 echo "== ns"; ls /proc/self/ns
 echo "== umask"; umask

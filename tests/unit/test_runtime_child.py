@@ -1,4 +1,4 @@
-"""Pure helpers of the container child: program lookup (as runc's, at create) and seccomp codes."""
+"""Pure helpers of the container child: program lookup (as runc's, at create), seccomp codes, mount attributes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import errno
 
 import pytest
 
-from agent.runtime import seccomp
+from agent import linux
+from agent.runtime import child, seccomp
 from agent.runtime.child import SetupError, _look_path
 
 
@@ -37,3 +38,15 @@ def test_action_codes():
     assert seccomp.action_code("SCMP_ACT_ERRNO", errno.ENOSYS) == 0x00050000 | errno.ENOSYS
     assert seccomp.action_code("SCMP_ACT_TRACE", 7) == 0x7FF00007
     assert seccomp.action_code("SCMP_ACT_KILL_PROCESS", 0) == 0x80000000
+
+
+def test_mount_attrs_leave_a_bind_as_a_remount_with_the_flags_would():
+    ro = (linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RELATIME)
+    attr_set, attr_clr = child._mount_attrs(ro)
+    assert attr_set == (linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+                        | linux.MOUNT_ATTR_NOEXEC)  # relatime is 0
+    assert attr_clr == linux.MOUNT_ATTR_NODIRATIME | linux.MOUNT_ATTR__ATIME
+    attr_set, attr_clr = child._mount_attrs(linux.MS_NOSUID | linux.MS_NOATIME)
+    assert attr_set == linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOATIME
+    assert attr_clr & linux.MOUNT_ATTR_RDONLY and attr_clr & linux.MOUNT_ATTR_NOEXEC
+    assert not attr_clr & linux.MOUNT_ATTR_NOSUID
