@@ -296,11 +296,12 @@ def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
     _step("set the root propagation", linux.mount, None, "/", None, cfg["root_propagation"])
     _step(f"bind {rootfs}", linux.mount, rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
     new_cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
-    fresh_dev = None  # the tmpfs this init mounts at /dev, if the spec has one
+    fresh_dev = None  # the tmpfs this init mounted at /dev, if nothing covers it since
     for m in cfg["mounts"]:
         dest = _mount(rootfs, m, new_cgroupns)
-        if m["type"] == "tmpfs" and os.path.normpath(m["destination"]) == "/dev":
-            fresh_dev = dest
+        at = os.path.normpath(m["destination"])
+        if at in ("/dev", "/"):  # a later mount there covers the tmpfs
+            fresh_dev = dest if at == "/dev" and m["type"] == "tmpfs" else None
     if cfg["default_devices"]:
         if fresh_dev is not None:
             _default_devices_in(fresh_dev)

@@ -72,6 +72,7 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
     """
     import gc
     import select
+    import time
 
     from agent.runtime import child
 
@@ -102,6 +103,9 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
             finally:
                 os.close(taken_w)
             waiting[taken_r] = (s, pidns)
+        if not waiting:  # no zygote could be forked, and no child of ours to wait for
+            time.sleep(0.1)
+            continue
         ready, _, _ = _select(select.select, list(waiting))
         for taken_r in ready:
             word = _read_word(taken_r)  # b"t": taken, b"q": the agent is gone, b"": it died
