@@ -303,10 +303,8 @@ def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
         if at in ("/dev", "/"):  # a later mount there covers the tmpfs
             fresh_dev = dest if at == "/dev" and m["type"] == "tmpfs" else None
     if cfg["default_devices"]:
-        if fresh_dev is not None:
-            _default_devices_in(fresh_dev)
-        else:
-            _default_devices(rootfs)
+        dev = fresh_dev or _step("mkdir /dev", mkdir_all, rootfs, "/dev")
+        _default_devices(dev, fresh=fresh_dev is not None)
     for dev in cfg["devices"]:
         _make_device(rootfs, dev)
     if terminal:
@@ -469,38 +467,18 @@ def _bind_cgroup(dest: str, source: str, flags: int, where: str) -> None:
     _step(where, linux.mount, None, dest, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
 
 
-def _default_devices(rootfs: str) -> None:
-    for path, major, minor in DEFAULT_DEVICES:
-        _make_device(rootfs, {"path": path, "mode": stat.S_IFCHR | 0o666, "major": major, "minor": minor,
-                              "uid": 0, "gid": 0})
-    for target, link in DEV_LINKS:
-        full = secure_join(rootfs, link)
-        if not os.path.lexists(full):
-            _step(f"symlink {link}", os.symlink, target, full)
-    if os.path.exists("/proc/kcore"):
-        full = secure_join(rootfs, "/dev/core")
-        if not os.path.lexists(full):
-            os.symlink("/proc/kcore", full)
+def _default_devices(dev: str, fresh: bool) -> None:
+    """runc's default nodes and links in ``dev`` (the container's /dev, resolved in the rootfs),
+    each made by name under one directory fd.
 
-
-def _default_devices_in(dev: str) -> None:
-    """The default nodes and links in a tmpfs this init has just mounted at /dev (``dev``): it
-    holds nothing but what the spec mounted below it, so each name is made under one directory
-    fd, with no path to resolve. A name the spec mounted something at is left to that mount.
-    Owned by root, as made (umask is 0 here)."""
+    In a tmpfs this init has just mounted there (``fresh``), a name that exists is one the spec
+    mounted something at: it is left to that mount. In a /dev that comes with the rootfs, an
+    existing node is replaced and owned by root; an existing link is kept.
+    """
     fd = _step("open /dev", os.open, dev, os.O_DIRECTORY | os.O_NOFOLLOW | os.O_RDONLY)
     try:
         for path, major, minor in DEFAULT_DEVICES:
-            name = os.path.basename(path)
-            try:
-                os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=fd)
-            except FileExistsError:
-                continue
-            except PermissionError:  # no CAP_MKNOD: bind the host's node, as runc does
-                os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
-                _step(f"device {path}", linux.mount, path, os.path.join(dev, name), None, linux.MS_BIND)
-            except OSError as exc:
-                raise SetupError(f"device {path}: {exc.strerror}") from None
+            _default_node(fd, dev, path, major, minor, fresh)
         links = [(target, os.path.basename(link)) for target, link in DEV_LINKS]
         if os.path.exists("/proc/kcore"):
             links.append(("/proc/kcore", "core"))
@@ -513,6 +491,31 @@ def _default_devices_in(dev: str) -> None:
                 raise SetupError(f"symlink /dev/{name}: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _default_node(fd: int, dev: str, path: str, major: int, minor: int, fresh: bool) -> None:
+    name = os.path.basename(path)
+    try:
+        if not fresh:
+            _unlink_at(name, fd)
+        os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=fd)
+    except FileExistsError:
+        return  # fresh: the spec mounted something here
+    except PermissionError:  # no CAP_MKNOD: bind the host's node, as runc does
+        os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        _step(f"device {path}", linux.mount, path, os.path.join(dev, name), None, linux.MS_BIND)
+        return
+    except OSError as exc:
+        raise SetupError(f"device {path}: {exc.strerror}") from None
+    if not fresh:  # a setgid /dev in the image would give the node its group
+        os.chown(name, 0, 0, dir_fd=fd, follow_symlinks=False)
+
+
+def _unlink_at(name: str, fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=fd)
+    except FileNotFoundError:
+        pass
 
 
 def _make_device(rootfs: str, dev: dict[str, Any]) -> None:

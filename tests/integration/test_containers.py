@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pathlib
+import shutil
 import signal
 import time
 
@@ -139,6 +140,21 @@ def test_bind_mount_and_dev(agent, busybox_rootfs, container_id, tmp_path):
         assert name in lines[2].split(), lines[2]
     assert lines[3:6] == ["pts/ptmx", "/proc/self/fd", "null-ok"]
     assert not (tmp_path / "data" / "g").exists()
+
+
+def test_default_devices_in_the_rootfs_own_dev(agent, busybox_rootfs, container_id, tmp_path):
+    """Without a /dev mount in the spec the nodes go into the rootfs's own /dev: a stale regular
+    file there is replaced by the device, a link already there is kept (as runc does)."""
+    rootfs = tmp_path / "rootfs"
+    shutil.copytree(busybox_rootfs, rootfs, symlinks=True)
+    (rootfs / "dev" / "null").write_text("stale\n")
+    (rootfs / "dev" / "fd").symlink_to("/nowhere")
+    cfg = make_spec(rootfs, ["sh", "-c", "[ -c /dev/null ] && [ -c /dev/zero ] && echo nodes; "
+                                         "stat -c %u:%g /dev/null; readlink /dev/fd; readlink /dev/stdin"])
+    cfg["mounts"] = [m for m in cfg["mounts"] if m["destination"] != "/dev"]
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    assert out.split() == ["nodes", "0:0", "/nowhere", "/proc/self/fd/0"]
 
 
 def test_mount_destination_cannot_escape_through_symlink(agent, busybox_rootfs, container_id, tmp_path):
