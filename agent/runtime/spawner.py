@@ -106,9 +106,9 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
         if not waiting:  # no zygote could be forked, and no child of ours to wait for
             time.sleep(0.1)
             continue
-        ready, _, _ = _select(select.select, list(waiting))
+        ready, _, _ = select.select(list(waiting), [], [])
         for taken_r in ready:
-            word = _read_word(taken_r)  # b"t": taken, b"q": the agent is gone, b"": it died
+            word = os.read(taken_r, 1)  # b"t": taken, b"q": the agent is gone, b"": it died
             os.close(taken_r)
             _, pidns = waiting.pop(taken_r)
             if word == b"q":
@@ -116,14 +116,6 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
             if not word and pidns:
                 pidns_ok = False  # e.g. the agent is no child subreaper: serve creates the long way
         _reap()
-
-
-def _select(select_fn, fds: list[int]):
-    while True:
-        try:
-            return select_fn(fds, [], [])
-        except InterruptedError:
-            continue
 
 
 def _fork_zygote(child, sock: socket.socket, sockets, taken_w: int, spawner: int) -> None:
@@ -135,45 +127,31 @@ def _fork_pidns_zygote(child, sockets, taken_w: int, agent_pid: int) -> bool:
     """Fork a helper that forks the zygote as PID 1 of a new PID namespace and exits, which
     re-parents the zygote to the agent. False when no PID namespace can be made here."""
     ok_r, ok_w = os.pipe()
-    helper = os.fork()
-    if helper == 0:
-        try:
-            os.close(ok_r)
-            linux.unshare(linux.CLONE_NEWPID)
-            gone_r, gone_w = os.pipe()  # EOF: the helper is exiting
-            if os.fork() == 0:
-                os.close(ok_w)
-                os.close(gone_w)
-                _read_word(gone_r)
-                os.close(gone_r)
-                _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
-            os.write(ok_w, b"k")
-        finally:
-            os._exit(0)
-    os.close(ok_w)
-    ok = _read_word(ok_r) == b"k"
-    os.close(ok_r)
-    _wait_for(helper)
-    return ok
-
-
-def _wait_for(pid: int) -> None:
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            return
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return
-
-
-def _read_word(fd: int) -> bytes:
-    while True:
-        try:
-            return os.read(fd, 1)
-        except InterruptedError:
-            continue
+    try:
+        helper = os.fork()
+        if helper == 0:
+            try:
+                os.close(ok_r)
+                linux.unshare(linux.CLONE_NEWPID)
+                gone_r, gone_w = os.pipe()  # EOF: the helper is exiting
+                if os.fork() == 0:
+                    os.close(ok_w)
+                    os.close(gone_w)
+                    os.read(gone_r, 1)
+                    os.close(gone_r)
+                    _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
+                os.write(ok_w, b"k")
+            finally:
+                os._exit(0)
+        os.close(ok_w)
+        ok_w = -1
+        ok = os.read(ok_r, 1) == b"k"
+        os.waitpid(helper, 0)
+        return ok
+    finally:
+        os.close(ok_r)
+        if ok_w >= 0:
+            os.close(ok_w)
 
 
 def _reap(block: bool = False) -> None:
@@ -199,12 +177,7 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:
                 os._exit(0)
-        while True:
-            try:
-                msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-                break
-            except InterruptedError:
-                continue
+        msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)  # EINTR is retried (PEP 475)
         if not msg:
             os.write(taken, b"q")
             os._exit(0)
@@ -213,13 +186,7 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns:
         for s in sockets:
             s.close()
         os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
-        req = json.loads(msg)
-        sync = socket.socket(fileno=fds[0])
-        if pidns:
-            if req.get("op") != "create":
-                child.fail(sync, f"spawner: {req.get('op')!r} request on the init socket")
-            child.init_container(req["config"], sync, fds[1:], req.get("cgroup"))
-        _child(child, req, sync, fds[1:])
+        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:], pidns)
     finally:
         os._exit(1)
 
@@ -239,11 +206,16 @@ def _until_parent(parent: int) -> None:
     os._exit(1)  # not the agent's child (the agent is no child subreaper): the spawner falls back
 
 
-def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int]) -> None:
+def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidns: bool) -> None:
+    """Serve one request in a zygote; ``pidns``: it is PID 1 of a new PID namespace, and only
+    serves creates, as their init."""
     try:
         op = req["op"]
+        if pidns and op != "create":
+            child.fail(sync, f"spawner: {op!r} request on the init socket")
         if op == "create":
-            child.spawn_container(req["config"], sync, fds, req.get("cgroup"))
+            start = child.init_container if pidns else child.spawn_container
+            start(req["config"], sync, fds, req.get("cgroup"))
         elif op == "exec":
             child.spawn_exec(req, sync, fds, req.get("cgroup"))
         elif op == "task":
