@@ -58,9 +58,10 @@ UNIFIED = CGROUP_ROOT / "unified"  # the cgroup2 mount of a hybrid host
 
 
 def agent_cgroups() -> set[pathlib.Path]:
-    """The agent's default container cgroups (kata-agent/<id>) in every hierarchy."""
-    return {p for p in CGROUP_ROOT.glob("*/kata-agent/*") if p.is_dir()} | \
-           {p for p in CGROUP_ROOT.glob("kata-agent/*") if p.is_dir()}
+    """The agent's default container cgroups (kata-agent/<id>) in every hierarchy, and their
+    kata-agent parent (which an agent that is killed leaves behind)."""
+    return {p for pattern in ("*/kata-agent", "*/kata-agent/*", "kata-agent", "kata-agent/*")
+            for p in CGROUP_ROOT.glob(pattern) if p.is_dir()}
 
 
 def remove_new_cgroups(before: set[pathlib.Path]) -> None:
