@@ -93,31 +93,78 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
         except SetupError as exc:
             fail(sync, str(exc))
         os.close(reported_w)
-        _container_init(cfg, sync, stdio, reported_r)
+        _container_init(cfg, sync, stdio, reported_r, lambda: None)
     send(sync, {"pid": pid})
     os.close(reported_w)
     os._exit(0)
 
 
 def init_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
-                   cgroup: dict[str, Any] | None) -> NoReturn:
+                   cgroup: dict[str, Any] | None, premade: dict[int, int] | None = None) -> NoReturn:
     """A CreateContainer taken by a zygote born as PID 1 of a new PID namespace and re-parented
     to the agent (agent.runtime.spawner): it becomes the container's init itself. No fork while
-    the client waits, and none of the intermediate's copy-on-write faults.
+    the client waits, and none of the intermediate's copy-on-write faults. It joins its cgroup
+    in the course of the rootfs set-up (see ``_container_init``), while the agent makes it.
 
+    ``premade``: the namespaces the zygote made while it waited (``premake_namespaces``).
     It moves itself into the cgroup, one thread per v1 hierarchy (see ``_enter_cgroup``); the
     agent sends only containers without a v2 cgroup this way.
     """
     try:
         send(sync, {"pid": int(os.readlink("/proc/self"))})  # /proc is still the agent's
         _join_paths(cfg["namespaces"])
-        _step("unshare", linux.unshare, _unshare_flags(cfg) & ~linux.CLONE_NEWPID)
-        if cgroup is None:
-            cgroup = _receive_cgroup(sync)
-        _enter_cgroup(_open_cgroup(cgroup))
+        flags = _settle_premade(cfg, premade or {})
+        _step("unshare", linux.unshare, flags & ~linux.CLONE_NEWPID)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
-    _container_init(cfg, sync, stdio, -1)
+
+    def join_cgroup() -> None:  # the agent makes the cgroup while the rootfs is set up
+        _enter_cgroup(_open_cgroup(cgroup if cgroup is not None else _receive_cgroup(sync)))
+
+    _container_init(cfg, sync, stdio, -1, join_cgroup)
+
+
+# Made by a PID 1 zygote while it waits for a request. A network namespace takes about 0.5 ms
+# to create here, and a fresh one holds only a loopback device that is down: one made early is
+# as new as one made on request. Not so a mount namespace (a copy of the mount table of its
+# time, without the rootfs mounted since) or a UTS one (a copy of the hostname).
+PREMADE = (("net", linux.CLONE_NEWNET),)
+
+
+def premake_namespaces() -> dict[int, int]:
+    """Enter new PREMADE namespaces; returns {flag: fd of the namespace left}, for a container
+    that shares it. What cannot be made here is left to the request."""
+    left = {}
+    for name, flag in PREMADE:
+        try:
+            fd = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            linux.unshare(flag)
+        except OSError:
+            os.close(fd)
+            continue
+        left[flag] = fd
+    return left
+
+
+def _settle_premade(cfg: dict[str, Any], premade: dict[int, int]) -> int:
+    """Use or leave the premade namespaces (after ``_join_paths``); the flags still to unshare.
+
+    A namespace the spec asks new is the premade one; one given by path was joined already; one
+    not listed is shared with the agent, so the zygote goes back to the namespace it left.
+    """
+    flags = _unshare_flags(cfg)
+    listed = {flag for flag, _ in cfg["namespaces"]}
+    for flag, left in premade.items():
+        try:
+            if flag not in listed:
+                _step("setns back to the agent's namespace", linux.setns, left, flag)
+        finally:
+            os.close(left)
+        flags &= ~flag
+    return flags
 
 
 def _unshare_flags(cfg: dict[str, Any]) -> int:
@@ -250,14 +297,31 @@ def _open_namespaces(pid: int) -> list[tuple[str, int, int]]:
 
 # --- the container init -------------------------------------------------------------------------
 
-def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], reported: int) -> NoReturn:
+def _container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], reported: int,
+                    join_cgroup: Callable[[], None]) -> NoReturn:
+    """Set up the container and wait for the start; ``join_cgroup`` moves this process into the
+    container's cgroup if it is not there yet.
+
+    The cgroup is joined (and the cgroup namespace made) as late as the set-up allows: before
+    the first cgroup mount or device node, both of which depend on it, and before pivot_root at
+    the latest. Mounts before that point are made while the agent still makes the cgroup.
+    """
+    joined = False
+
+    def join() -> None:
+        nonlocal joined
+        if not joined:
+            joined = True
+            join_cgroup()
+            if _new_ns(cfg, linux.CLONE_NEWCGROUP):
+                _step("unshare cgroup", linux.unshare, linux.CLONE_NEWCGROUP)
+
     try:
         os.umask(0)
         proc = cfg["process"]
-        if _new_ns(cfg, linux.CLONE_NEWCGROUP):
-            _step("unshare cgroup", linux.unshare, linux.CLONE_NEWCGROUP)
         _setup_stdio(stdio, proc["terminal"], sync, keep=reported)
-        _prepare_rootfs(cfg, proc["terminal"])
+        _prepare_rootfs(cfg, proc["terminal"], join)
+        join()
         _pivot(cfg["rootfs"])
         _finish_rootfs(cfg)
         if cfg["hostname"] and _new_ns(cfg, linux.CLONE_NEWUTS):
@@ -291,17 +355,20 @@ def _setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket, keep: in
     os.closerange(start, 1 << 16)
 
 
-def _prepare_rootfs(cfg: dict[str, Any], terminal: bool) -> None:
+def _prepare_rootfs(cfg: dict[str, Any], terminal: bool, join: Callable[[], None]) -> None:
     rootfs = cfg["rootfs"]
     _step("set the root propagation", linux.mount, None, "/", None, cfg["root_propagation"])
     _step(f"bind {rootfs}", linux.mount, rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
     new_cgroupns = _new_ns(cfg, linux.CLONE_NEWCGROUP)
     fresh_dev = None  # the tmpfs this init mounted at /dev, if nothing covers it since
     for m in cfg["mounts"]:
+        if m["type"] == "cgroup":
+            join()
         dest = _mount(rootfs, m, new_cgroupns)
         at = os.path.normpath(m["destination"])
         if at in ("/dev", "/"):  # a later mount there covers the tmpfs
             fresh_dev = dest if at == "/dev" and m["type"] == "tmpfs" else None
+    join()  # the devices cgroup (v1) decides which nodes may be made
     if cfg["default_devices"]:
         dev = fresh_dev or _step("mkdir /dev", mkdir_all, rootfs, "/dev")
         _default_devices(dev, fresh=fresh_dev is not None)

@@ -167,10 +167,12 @@ def _reap(block: bool = False) -> None:
 
 def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns: bool) -> None:
     try:
+        premade: dict[int, int] = {}
         if pidns:
             # The agent's child (re-parented), not the spawner's: no PR_SET_PDEATHSIG, which the
             # re-parenting itself would fire. It ends when the agent closes the socket.
             _until_parent(parent)
+            premade = child.premake_namespaces()
         else:
             # A zygote dies with its spawner: the requests queued for it then end (their sync
             # sockets close) instead of waiting for a zygote that never comes.
@@ -186,7 +188,7 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns:
         for s in sockets:
             s.close()
         os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
-        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:], pidns)
+        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:], pidns, premade)
     finally:
         os._exit(1)
 
@@ -206,16 +208,18 @@ def _until_parent(parent: int) -> None:
     os._exit(1)  # not the agent's child (the agent is no child subreaper): the spawner falls back
 
 
-def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidns: bool) -> None:
+def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidns: bool,
+           premade: dict[int, int] | None = None) -> None:
     """Serve one request in a zygote; ``pidns``: it is PID 1 of a new PID namespace, and only
-    serves creates, as their init."""
+    serves creates, as their init, in the namespaces it ``premade``."""
     try:
         op = req["op"]
         if pidns and op != "create":
             child.fail(sync, f"spawner: {op!r} request on the init socket")
-        if op == "create":
-            start = child.init_container if pidns else child.spawn_container
-            start(req["config"], sync, fds, req.get("cgroup"))
+        if op == "create" and pidns:
+            child.init_container(req["config"], sync, fds, req.get("cgroup"), premade)
+        elif op == "create":
+            child.spawn_container(req["config"], sync, fds, req.get("cgroup"))
         elif op == "exec":
             child.spawn_exec(req, sync, fds, req.get("cgroup"))
         elif op == "task":

@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import signal
+import subprocess
 import time
 
 import grpc
@@ -86,6 +87,34 @@ def test_pid1_and_hostname(agent, busybox_rootfs, container_id):
     status, out, _ = sh(agent, container_id, busybox_rootfs, "echo $$; hostname", hostname="box1")
     assert status == 0
     assert out.split() == ["1", "box1"]
+
+
+def test_network_namespace_new_shared_or_joined(agent, busybox_rootfs, container_id):
+    """A new network namespace when the spec lists one, the agent's when it does not, and the
+    one given by path. (The PID 1 zygote makes a network namespace before any request comes.)"""
+    agent_ns = os.readlink(f"/proc/{agent.pid}/ns/net")
+    other = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        theirs = f"/proc/{other.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while os.readlink(theirs) == agent_ns:  # until unshare has made it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        seen = {}
+        for case, ns in (("new", {"type": "network"}), ("shared", None),
+                         ("joined", {"type": "network", "path": theirs})):
+            cfg = make_spec(busybox_rootfs, ["readlink", "/proc/self/ns/net"])
+            listed = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
+            cfg["linux"]["namespaces"] = listed + ([ns] if ns else [])
+            status, out, err = run(agent, f"{container_id}-{case}", cfg)
+            assert status == 0, err
+            seen[case] = out.strip()
+        assert seen["shared"] == agent_ns
+        assert seen["joined"] == os.readlink(theirs)
+        assert seen["new"].startswith("net:[") and seen["new"] not in (agent_ns, seen["joined"])
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_user_groups_caps_nnp_rlimits(agent, busybox_rootfs, container_id):
