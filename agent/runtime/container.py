@@ -183,8 +183,9 @@ class Runtime:
         async with UndoStack() as undo:
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
             undo.push("close stdio", stdio.close)
-            # The cgroup is made while the spawner's child joins and unshares namespaces; it
-            # waits for the cgroup's directories (or EOF) before it forks the init.
+            # The cgroup is made while the spawner's child joins and unshares namespaces (and,
+            # as the init, starts on the rootfs); it waits for the cgroup's directories (or EOF)
+            # before it forks the init, or before its first step that needs the cgroup.
             req = {"op": "create", "config": cfg, "cgroup": None}
             try:
                 sync = self.spawner.request(req, child_fds, new_pidns=self._init_is_zygote(cfg))
@@ -193,7 +194,10 @@ class Runtime:
                     os.close(fd)
             undo.push("close the sync socket", sync.close)
             cg = self._create_cgroup(cfg, resources, undo)
-            sync.send(json.dumps({"cgroup": _cgroup_dirs(cg)}).encode())
+            try:
+                sync.send(json.dumps({"cgroup": _cgroup_dirs(cg)}).encode())
+            except OSError:
+                pass  # the child failed (and exited) before it took the cgroup: its report follows
             pid = await self._pid(sync, "create")
             init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
             undo.push("kill the init", lambda: self._kill_and_reap(init))
