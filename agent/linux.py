@@ -143,8 +143,10 @@ def cap_last_cap() -> int:
         return 40
 
 
-# clone3(2): fork straight into a cgroup v2 directory (no migration, so no RCU grace period).
+# clone3(2): fork straight into a cgroup v2 directory (no migration, so no RCU grace period), or
+# as a sibling (CLONE_PARENT) in new namespaces.
 SYS_CLONE3 = 435  # the same number on every architecture (new syscalls share one table)
+CLONE_PARENT = 0x00008000
 CLONE_INTO_CGROUP = 0x200000000
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across the call: the child holds it too
 
@@ -158,12 +160,22 @@ class _CloneArgs(ctypes.Structure):
 def fork_into_cgroup(cgroup_fd: int) -> int:
     """fork(), the child starting in the cgroup v2 directory ``cgroup_fd``: 0 in the child.
 
-    Only for single-threaded processes that exec or ``os._exit`` (no at-fork handlers run).
     Raises OSError (ENOSYS before Linux 5.7) so that callers can fall back to fork + migration.
+    """
+    return clone3(CLONE_INTO_CGROUP, cgroup_fd)
+
+
+def clone3(flags: int, cgroup_fd: int = 0) -> int:
+    """fork() by clone3(2) with ``flags``: 0 in the child. Its exit signal is SIGCHLD, or with
+    CLONE_PARENT the caller's own (the kernel refuses any other then).
+
+    Only for single-threaded processes whose child execs or ends with ``os._exit``: no at-fork
+    handlers run. OSError when the kernel refuses the flags (ENOSYS before Linux 5.3).
     """
     import signal
 
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    exit_signal = 0 if flags & CLONE_PARENT else signal.SIGCHLD
+    args = _CloneArgs(flags=flags, exit_signal=exit_signal, cgroup=cgroup_fd)
     return _check(_pylibc.syscall(ctypes.c_long(SYS_CLONE3), ctypes.byref(args),
                                   ctypes.c_size_t(ctypes.sizeof(args))), "clone3")
 

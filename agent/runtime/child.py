@@ -101,14 +101,14 @@ def spawn_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
 
 def init_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
                    cgroup: dict[str, Any] | None, premade: dict[int, int] | None = None) -> NoReturn:
-    """A CreateContainer taken by a zygote born as PID 1 of a new PID namespace and re-parented
-    to the agent (agent.runtime.spawner): it becomes the container's init itself. No fork while
+    """A CreateContainer taken by a zygote born as PID 1 of a new PID namespace and as the
+    agent's child (agent.runtime.spawner): it becomes the container's init itself. No fork while
     the client waits, and none of the intermediate's copy-on-write faults. It joins its cgroup
     in the course of the rootfs set-up (see ``_container_init``), while the agent makes it.
 
     ``premade``: the namespaces the zygote made while it waited (``premake_namespaces``).
-    It moves itself into the cgroup, one thread per v1 hierarchy (see ``_enter_cgroup``); the
-    agent sends only containers without a v2 cgroup this way.
+    It moves itself into the cgroup (see ``_enter_cgroup``); the agent sends only containers
+    without a v2 cgroup this way.
     """
     try:
         send(sync, {"pid": int(os.readlink("/proc/self"))})  # /proc is still the agent's

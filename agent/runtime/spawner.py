@@ -7,7 +7,7 @@ intermediate child that does the work (agent.runtime.child) and reports on ``syn
 itself never answers, so the agent side needs no request ids.
 
 CreateContainer requests whose container gets a new PID namespace take a shorter way, on a socket
-of their own: a zygote born as PID 1 of a fresh PID namespace, and re-parented to the agent, takes
+of their own: a zygote born as PID 1 of a fresh PID namespace, and as the agent's child, takes
 the request and becomes the container's init itself (no intermediate, no fork while the client
 waits; see ``_serve``).
 
@@ -66,8 +66,8 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
     A zygote takes one request, tells the spawner (``taken``), and serves it; the spawner then
     forks the next zygote for that socket and reaps the old ones. The zygote on ``sock`` becomes
     the request's intermediate child. The one on ``init_sock`` (CreateContainer in a new PID
-    namespace) is born as PID 1 of a new PID namespace by a helper that exits at once, so that it
-    is the agent's child (the agent is a child subreaper): it becomes the container's init.
+    namespace) is cloned as PID 1 of a new PID namespace and as the agent's child
+    (``CLONE_PARENT``): it becomes the container's init, which the agent reaps.
     Where a new PID namespace cannot be made, a plain zygote serves ``init_sock`` the long way.
     """
     import gc
@@ -124,34 +124,16 @@ def _fork_zygote(child, sock: socket.socket, sockets, taken_w: int, spawner: int
 
 
 def _fork_pidns_zygote(child, sockets, taken_w: int, agent_pid: int) -> bool:
-    """Fork a helper that forks the zygote as PID 1 of a new PID namespace and exits, which
-    re-parents the zygote to the agent. False when no PID namespace can be made here."""
-    ok_r, ok_w = os.pipe()
+    """Clone the zygote as PID 1 of a new PID namespace and as the agent's child (CLONE_PARENT),
+    so that the agent, not the spawner, reaps the container init it becomes. False when no
+    such process can be made here."""
     try:
-        helper = os.fork()
-        if helper == 0:
-            try:
-                os.close(ok_r)
-                linux.unshare(linux.CLONE_NEWPID)
-                gone_r, gone_w = os.pipe()  # EOF: the helper is exiting
-                if os.fork() == 0:
-                    os.close(ok_w)
-                    os.close(gone_w)
-                    os.read(gone_r, 1)
-                    os.close(gone_r)
-                    _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
-                os.write(ok_w, b"k")
-            finally:
-                os._exit(0)
-        os.close(ok_w)
-        ok_w = -1
-        ok = os.read(ok_r, 1) == b"k"
-        os.waitpid(helper, 0)
-        return ok
-    finally:
-        os.close(ok_r)
-        if ok_w >= 0:
-            os.close(ok_w)
+        pid = linux.clone3(linux.CLONE_PARENT | linux.CLONE_NEWPID)
+    except OSError:
+        return False
+    if pid == 0:
+        _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
+    return True
 
 
 def _reap(block: bool = False) -> None:
@@ -168,10 +150,7 @@ def _reap(block: bool = False) -> None:
 def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns: bool) -> None:
     try:
         premade: dict[int, int] = {}
-        if pidns:
-            # The agent's child (re-parented), not the spawner's: no PR_SET_PDEATHSIG, which the
-            # re-parenting itself would fire. It ends when the agent closes the socket.
-            _until_parent(parent)
+        if pidns:  # the agent's child: it ends when the agent closes the socket
             premade = child.premake_namespaces()
         else:
             # A zygote dies with its spawner: the requests queued for it then end (their sync
@@ -191,21 +170,6 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns:
         _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:], pidns, premade)
     finally:
         os._exit(1)
-
-
-def _until_parent(parent: int) -> None:
-    """Wait until this process's parent is ``parent``: its first parent is exiting (its pipe is
-    closed), and the re-parenting follows a moment later.
-
-    getppid() says 0 in a new PID namespace; /proc (still the agent's) says the real pid.
-    """
-    for _ in range(1000):
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        if int(stat[stat.rindex(b")") + 2:].split()[1]) == parent:
-            return
-        os.sched_yield()
-    os._exit(1)  # not the agent's child (the agent is no child subreaper): the spawner falls back
 
 
 def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidns: bool,
