@@ -42,16 +42,21 @@ def _method(name: str, handler):
             code, message = status_of(exc)
             log.exception("%s failed", name, extra={"fields": {"method": name}})
         finally:
-            seconds = time.perf_counter() - start
-            if agent.metrics is not None:
-                agent.metrics.observe_rpc(name, code.name, seconds)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("rpc", extra={"fields": {"method": name, "code": code.name,
-                                                   "ms": round(seconds * 1000, 3), "error": message}})
+            _record(agent, name, code, message, start)
         await context.abort(code, message)
 
     call.__name__ = name
     return call
+
+
+def _record(agent: Agent | None, name: str, code: grpc.StatusCode, message: str, start: float) -> None:
+    """Count and (at debug level) log one finished call."""
+    seconds = time.perf_counter() - start
+    if agent is not None and agent.metrics is not None:
+        agent.metrics.observe_rpc(name, code.name, seconds)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("rpc", extra={"fields": {"method": name, "code": code.name,
+                                           "ms": round(seconds * 1000, 3), "error": message}})
 
 
 def agent_service_class(handlers: dict) -> type:
@@ -91,7 +96,8 @@ def add_service(server: grpc.aio.Server, servicer, service) -> None:
     The generated add_*_to_server functions let grpcio parse request bodies, and a body that does
     not parse then ends as UNKNOWN "Unexpected DecodeError". Here the handlers receive the raw bytes
     and parse them themselves, so a corrupt or truncated body answers INVALID_ARGUMENT naming the
-    method and the message type, before any handler or policy sees it.
+    method and the message type, before any handler or policy sees it; it is counted and logged
+    as other calls are.
     """
     handlers = {}
     for method in service.methods:
@@ -108,12 +114,16 @@ def add_service(server: grpc.aio.Server, servicer, service) -> None:
 
 
 def _decoding(name: str, fn, request_cls):
+    agent = getattr(getattr(fn, "__self__", None), "agent", None)  # for metrics and the log
+
     async def handle(body: bytes, context: grpc.aio.ServicerContext):
+        start = time.perf_counter()
         try:
             request = request_cls.FromString(body)
         except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{name}: request is not a valid {request_cls.DESCRIPTOR.full_name}: {exc}")
+            message = f"{name}: request is not a valid {request_cls.DESCRIPTOR.full_name}: {exc}"
+            _record(agent, name, grpc.StatusCode.INVALID_ARGUMENT, message, start)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         return await fn(request, context)
 
     handle.__name__ = name
