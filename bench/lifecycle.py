@@ -5,8 +5,9 @@
 Each round runs one agent lifecycle (Create+Start+Wait+Remove), one ``runc run`` and one
 ``crun run`` of the same bundle, in turn, and reports medians (and the agent's per-RPC medians).
 Then exec latency (ExecProcess + Wait of /bin/true vs ``runc exec``); then N lifecycles started
-at once (agent, and crun for comparison): total time and p50/p99 per container; then the
-agent's RSS idle and after many lifecycles.
+at once (agent, and crun for comparison): total time and p50/p99 per container; the CPU time
+of the whole machine per lifecycle, each runner's lifecycles back to back; then the agent's RSS
+idle and after many lifecycles.
 
 crun refuses hybrid cgroups (v1 controllers plus cgroup2 at /sys/fs/cgroup/unified). By default
 the benchmark enters a private mount namespace with that cgroup2 mount unmounted, and runs the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -127,6 +129,37 @@ def lifecycles(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[f
     return times
 
 
+def busy_cpu_ms() -> float:
+    """CPU time spent on this machine so far, all CPUs, but idle and iowait (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_lifecycle(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, tuple[float, float]]:
+    """Each runner's lifecycles back to back, in blocks of ``n``: CPU time of the whole machine
+    (client, agent, spawner, inits; or crun and its children) and wall time, per lifecycle, in ms.
+    On a machine with few CPUs the total CPU work bounds the latency as much as any critical path."""
+    oci = spec_from_config(json.loads((b / "config.json").read_text()))
+    runners = {"agent": lambda i: agent_lifecycle(agent, oci, i)}
+    if shutil.which("crun"):
+        runners["crun"] = lambda i: cli_run(CRUN, b, i)
+    if shutil.which("runc"):
+        runners["runc"] = lambda i: cli_run(["runc"], b, i)
+    out = {}
+    for name, fn in runners.items():
+        cpu0, wall0 = busy_cpu_ms(), time.perf_counter()
+        for i in range(n):
+            fn(30_000 + i)
+        cpu, wall = busy_cpu_ms() - cpu0, (time.perf_counter() - wall0) * 1000
+        if name == "crun" and CRUN[0] == "crun":
+            for i in range(n):
+                forget_unified(f"bench-{30_000 + i}")
+        out[name] = (cpu / n, wall / n)
+    return out
+
+
 def execs(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]]:
     sleeper = json.loads((b / "config.json").read_text())
     sleeper["process"]["args"] = ["sleep", "1000"]
@@ -205,6 +238,8 @@ def main() -> int:
     p.add_argument("--log-level", default="info", help="the agent's (tests run it at debug)")
     p.add_argument("--concurrent", type=int, default=100, help="lifecycles started at once (0: skip)")
     p.add_argument("--rss-rounds", type=int, default=0, help="lifecycles for the RSS growth check")
+    p.add_argument("--cpu-rounds", type=int, default=100,
+                   help="lifecycles back to back per runner for the CPU time per lifecycle (0: skip)")
     p.add_argument("--hybrid", action="store_true",
                    help="keep this machine's hybrid cgroups for the agent and runc (crun then runs "
                         "in a wrapper that hides the cgroup2 mount from it alone)")
@@ -224,6 +259,10 @@ def main() -> int:
             report("lifecycle of /bin/true (create+start+wait+remove)", lifecycles(agent, b, opts.n))
             print("  agent per RPC (median ms): " + "  ".join(
                 f"{k} {statistics.median(v):.2f}" for k, v in RPC_TIMES.items()))
+            if opts.cpu_rounds:
+                print(f"CPU time per lifecycle, all processes ({opts.cpu_rounds} back to back each)")
+                for name, (cpu, wall) in cpu_per_lifecycle(agent, b, opts.cpu_rounds).items():
+                    print(f"  {name:6s} cpu {cpu:7.2f} ms   wall {wall:7.2f} ms")
             if shutil.which("runc"):
                 report("exec of /bin/true into a running container", execs(agent, b, opts.n))
             if opts.concurrent:
