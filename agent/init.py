@@ -147,13 +147,16 @@ def mount_basics() -> None:
         ("shm", "/dev/shm", "tmpfs", nsd, "mode=1777"),
         ("tmpfs", "/run", "tmpfs", nsd, "mode=0755"),
         ("tmpfs", "/tmp", "tmpfs", nsd, "mode=1777"),
-        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nsd | MS_NOEXEC | MS_RELATIME, "nsdelegate"),
+        # favordynmods (Linux 6.0): a process moves into a cgroup without waiting for an RCU
+        # grace period, so a container's init can move itself (agent.runtime.container).
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2", nsd | MS_NOEXEC | MS_RELATIME, "nsdelegate,favordynmods"),
     ]
     for source, target, fstype, flags, data in table:
         if target != "/" and _is_mountpoint(target):
             continue
         if not _mount(source, target, fstype, flags, data) and fstype == "cgroup2":
-            _mount(source, target, fstype, flags, None)
+            if not _mount(source, target, fstype, flags, "nsdelegate"):  # before Linux 6.0
+                _mount(source, target, fstype, flags, None)
     for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         try:

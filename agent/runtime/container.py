@@ -226,12 +226,15 @@ class Runtime:
 
     def _init_is_zygote(self, cfg: ContainerConfig) -> bool:
         """Whether the spawner's PID 1 zygote can be this container's init (the short way): the
-        container gets a new PID namespace, and has no v2 cgroup. The zygote joins its cgroup
-        by moving itself; on v2 that is a cgroup.procs write, which waits for an RCU grace
-        period (about 6 ms here), while the long way forks the init into its v2 cgroup."""
+        container gets a new PID namespace, and has no v2 cgroup unless cgroup2 favors dynamic
+        changes. The zygote joins its cgroup by moving itself; on v2 that is a cgroup.procs
+        write, which waits for an RCU grace period (about 6 ms here) unless cgroup2 is mounted
+        with favordynmods (as the guest's init does); the long way forks the init into its v2
+        cgroup instead."""
         if not cfg.new_namespace(linux.CLONE_NEWPID):
             return False
-        return self.cgroups is None or self.cgroups.layout.v2 is None
+        layout = self.cgroups.layout if self.cgroups is not None else None
+        return layout is None or layout.v2 is None or layout.v2_dynmods
 
     def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
         if self.cgroups is None:

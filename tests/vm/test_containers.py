@@ -6,11 +6,13 @@ containers whose rootfs is copied into the shared directory; the last test destr
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -133,6 +135,38 @@ def test_cgroup_namespace_sees_own_cgroup_v2(stub, ctr):
     lines = out.split()
     assert lines[0] == "0::/", out
     assert "kata-agent" not in lines and "memory.max" in lines and str(64 << 20) in lines, out
+
+
+def test_init_is_the_waiting_zygote_on_cgroup_v2(stub, ctr, guest):
+    """The guest mounts cgroup2 with favordynmods, so moving a process into a v2 cgroup waits for
+    no RCU grace period: the container's init is the PID 1 zygote that was waiting before the
+    request (the short way), and it has moved itself into the container's v2 cgroup."""
+    cid, root = ctr
+    _, mounts = guest.shell("grep ' - cgroup2 ' /proc/self/mountinfo")
+    assert "favordynmods" in mounts, mounts
+    _, uptime = guest.shell("cat /proc/uptime")
+    before = float(uptime.split()[0])
+    time.sleep(0.3)
+    h.create(stub, cid, ["sleep", "1000"], root)
+    try:
+        stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
+        probe = textwrap.dedent("""\
+            import glob, os
+            for p in glob.glob("/proc/[0-9]*"):
+                try:
+                    if open(p + "/cmdline", "rb").read() == b"sleep\\x001000\\x00":
+                        start = int(open(p + "/stat").read().rsplit(")", 1)[1].split()[19])
+                        print(start / os.sysconf("SC_CLK_TCK"), open(p + "/cgroup").read().strip())
+                except OSError:
+                    pass
+            """)
+        code = base64.b64encode(probe.encode()).decode()
+        _, out = guest.shell(f"python3 -c \"import base64; exec(base64.b64decode('{code}'))\"")
+        started, cgroup = out.split()[:2]
+        assert float(started) <= before, (out, before)   # born before the request: the zygote
+        assert cgroup.startswith("0::/") and cgroup.endswith(cid), out
+    finally:
+        h.remove(stub, cid)
 
 
 def test_exec_into_running_container(stub, ctr):

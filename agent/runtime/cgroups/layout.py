@@ -34,6 +34,9 @@ class Layout:
     v1: dict[str, str] = field(default_factory=dict)  # logical controller -> mount point
     v2: str | None = None  # the cgroup2 mount point (or a directory used as the root)
     v2_controllers: frozenset[str] = frozenset()  # available at the v2 root (cgroup.controllers)
+    # cgroup2 mounted with favordynmods (Linux 6.0): moving a running process into a v2 cgroup
+    # then waits for no RCU grace period (forks and exits pay a little instead).
+    v2_dynmods: bool = False
 
     @property
     def mode(self) -> str:
@@ -77,10 +80,12 @@ def _unescape(text: str) -> str:
     return "".join(out)
 
 
-def parse_mountinfo(text: str) -> tuple[dict[str, str], str | None]:
-    """(v1 controller -> mount point, cgroup2 mount point) from /proc/self/mountinfo text."""
+def parse_mountinfo(text: str) -> tuple[dict[str, str], str | None, bool]:
+    """(v1 controller -> mount point, cgroup2 mount point, whether it favors dynamic changes)
+    from /proc/self/mountinfo text."""
     v1: dict[str, str] = {}
     v2: str | None = None
+    dynmods = False
     for line in text.splitlines():
         pre, sep, post = line.partition(" - ")
         if not sep:
@@ -90,12 +95,12 @@ def parse_mountinfo(text: str) -> tuple[dict[str, str], str | None]:
             continue
         mountpoint, fstype, superopts = _unescape(fields[4]), tail[0], tail[2].split(",")
         if fstype == "cgroup2" and v2 is None:
-            v2 = mountpoint
+            v2, dynmods = mountpoint, "favordynmods" in superopts
         elif fstype == "cgroup":
             for opt in superopts:
                 if opt in LOGICAL and opt not in v1:
                     v1[opt] = mountpoint
-    return v1, v2
+    return v1, v2, dynmods
 
 
 def read_controllers(root: str) -> frozenset[str]:
@@ -111,5 +116,5 @@ def detect_layout(mountinfo: str = "/proc/self/mountinfo", v2_root: str | None =
     if v2_root is not None:
         return Layout({}, v2_root, read_controllers(v2_root))
     with open(mountinfo) as f:
-        v1, v2 = parse_mountinfo(f.read())
-    return Layout(v1, v2, read_controllers(v2) if v2 else frozenset())
+        v1, v2, dynmods = parse_mountinfo(f.read())
+    return Layout(v1, v2, read_controllers(v2) if v2 else frozenset(), dynmods)
