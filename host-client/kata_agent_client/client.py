@@ -43,7 +43,12 @@ class AgentClient:
         self.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=timeout)
+        except BaseException:
+            ready.cancel()  # else it keeps polling the channel, and fails once that is closed
+            raise
 
     # --- health ---
     def health(self) -> str:
