@@ -107,8 +107,8 @@ def init_container(cfg: dict[str, Any], sync: socket.socket, stdio: list[int],
     in the course of the rootfs set-up (see ``_container_init``), while the agent makes it.
 
     ``premade``: the namespaces the zygote made while it waited (``premake_namespaces``).
-    It moves itself into the cgroup (see ``_enter_cgroup``); the agent sends only containers
-    without a v2 cgroup this way.
+    It moves itself into the cgroup (see ``_enter_cgroup``); the agent sends a container with a
+    v2 cgroup this way only where cgroup2 favors dynamic changes (Runtime._init_is_zygote).
     """
     try:
         send(sync, {"pid": int(os.readlink("/proc/self"))})  # /proc is still the agent's
