@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format
@@ -381,12 +380,8 @@ class Sandbox:
         if os.path.lexists(os.path.join(self.kata_root, req.container_id, "config.json")):
             raise AlreadyExists(f"container_id: {req.container_id!r} has a bundle already")
 
-    async def prepare_container(self, req, undo: UndoStack) -> Callable[[], None]:
-        """Devices, storages, namespaces and bundle for CreateContainer; undos go on ``undo``.
-
-        Returns what writes the bundle's config.json, for the runtime to call while the init
-        sets up (before any hook runs).
-        """
+    async def prepare_container(self, req, undo: UndoStack) -> None:
+        """Devices, storages, namespaces and bundle for CreateContainer; undos go on ``undo``."""
         self.check_container(req)
         spec = req.OCI
         if req.devices:
@@ -399,9 +394,8 @@ class Sandbox:
         self._add_dns_mount(spec)
         self._add_guest_hooks(spec)
         fault_point("namespaces")
-        self._make_bundle(req, undo)
+        self._write_bundle(req, undo)
         fault_point("bundle")
-        return lambda: self._write_config(req, undo)
 
     def _rewrite_namespaces(self, req) -> None:
         wanted = dict(self.state.pinned) if self.state else {}
@@ -430,7 +424,7 @@ class Sandbox:
     def bundle_dir(self, cid: str) -> str:
         return os.path.join(self.kata_root, cid)
 
-    def _make_bundle(self, req, undo: UndoStack) -> None:
+    def _write_bundle(self, req, undo: UndoStack) -> None:
         cid = req.container_id
         walk = paths.walk_dirs(self.kata_root, [cid, "rootfs"], mode=0o755)
         walk.close()
@@ -444,9 +438,7 @@ class Sandbox:
             mount_bind(source, rootfs)
             undo.push("rootfs bind", lambda: umount(rootfs, MNT_DETACH))
             req.OCI.Root.Path = rootfs
-
-    def _write_config(self, req, undo: UndoStack) -> None:
-        config = os.path.join(self.bundle_dir(req.container_id), "config.json")
+        config = os.path.join(self.bundle_dir(cid), "config.json")
         tmp = config + ".tmp"
         with open(tmp, "w") as f:
             f.write(json_format.MessageToJson(req.OCI, preserving_proto_field_name=True))

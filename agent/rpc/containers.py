@@ -42,16 +42,14 @@ async def create_container(agent, request, context):
     oci.validate(request.OCI)
     with agent.runtime.reserve(cid):
         async with UndoStack() as undo:
-            write_config = None
             if agent.sandbox is not None:
-                write_config = await agent.sandbox.prepare_container(request, undo)
+                await agent.sandbox.prepare_container(request, undo)
                 oci.validate(request.OCI)  # what the sandbox rewrote must still hold
             cfg = oci.convert(request.OCI, cid, oci.string_user(request.string_user))
             resources = oci.cgroup_resources(request.OCI)
             hooks = request.OCI.Hooks if request.OCI.HasField("Hooks") else None
             container = await agent.runtime.create(cfg, resources, hooks=hooks, oci_version=request.OCI.Version,
-                                                   annotations=dict(request.OCI.Annotations),
-                                                   meanwhile=write_config)
+                                                   annotations=dict(request.OCI.Annotations))
             container.cleanup = undo.commit()
     log.info("container created", extra={"fields": {"container_id": cid, "pid": container.init_pid}})
     return EMPTY()

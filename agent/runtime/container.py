@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,11 +172,8 @@ class Runtime:
 
     # --- create / start ---
     async def create(self, cfg: ContainerConfig, resources: Any = None, hooks: Any = None,
-                     oci_version: str = "", annotations: dict[str, str] | None = None,
-                     meanwhile: Callable[[], None] | None = None) -> Container:
+                     oci_version: str = "", annotations: dict[str, str] | None = None) -> Container:
         """Create the container: its init waits in its namespaces and rootfs for ``start``.
-
-        ``meanwhile`` runs while the init sets up (once its cgroup is made), before any hook.
 
         Prestart and CreateRuntime hooks run once the init waits there. Either it is created
         and registered, or everything it did is undone.
@@ -201,8 +198,6 @@ class Runtime:
                 sync.send(json.dumps({"cgroup": _cgroup_dirs(cg)}).encode())
             except OSError:
                 pass  # the child failed (and exited) before it took the cgroup: its report follows
-            if meanwhile is not None:
-                meanwhile()
             pid = await self._pid(sync, "create")
             init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
             undo.push("kill the init", lambda: self._kill_and_reap(init))
