@@ -60,7 +60,7 @@ def _import_tasks() -> None:
 
 # --- the spawner process ------------------------------------------------------------------------
 
-def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> None:
+def _serve(sock: socket.socket, init_sock: socket.socket) -> None:
     """Keep one forked "zygote" waiting on each of the agent's sockets, so no request waits for a fork.
 
     A zygote takes one request, tells the spawner (``taken``), and serves it; the spawner then
@@ -93,7 +93,7 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
             pidns = s is init_sock and pidns_ok
             try:
                 if pidns:
-                    pidns = pidns_ok = _fork_pidns_zygote(child, sockets, taken_w, agent_pid)
+                    pidns = pidns_ok = _fork_pidns_zygote(child, sockets, taken_w)
                 if not pidns:
                     _fork_zygote(child, s, sockets, taken_w, me)
             except OSError:
@@ -114,16 +114,16 @@ def _serve(sock: socket.socket, init_sock: socket.socket, agent_pid: int) -> Non
             if word == b"q":
                 os._exit(0)
             if not word and pidns:
-                pidns_ok = False  # e.g. the agent is no child subreaper: serve creates the long way
+                pidns_ok = False  # it died before any request: serve creates the long way
         _reap()
 
 
 def _fork_zygote(child, sock: socket.socket, sockets, taken_w: int, spawner: int) -> None:
     if os.fork() == 0:
-        _zygote(child, sock, sockets, taken_w, spawner, pidns=False)
+        _zygote(child, sock, sockets, taken_w, pidns=False, spawner=spawner)
 
 
-def _fork_pidns_zygote(child, sockets, taken_w: int, agent_pid: int) -> bool:
+def _fork_pidns_zygote(child, sockets, taken_w: int) -> bool:
     """Clone the zygote as PID 1 of a new PID namespace and as the agent's child (CLONE_PARENT),
     so that the agent, not the spawner, reaps the container init it becomes. False when no
     such process can be made here."""
@@ -132,7 +132,7 @@ def _fork_pidns_zygote(child, sockets, taken_w: int, agent_pid: int) -> bool:
     except OSError:
         return False
     if pid == 0:
-        _zygote(child, sockets[1], sockets, taken_w, agent_pid, pidns=True)
+        _zygote(child, sockets[1], sockets, taken_w, pidns=True)
     return True
 
 
@@ -147,7 +147,7 @@ def _reap(block: bool = False) -> None:
             return
 
 
-def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns: bool) -> None:
+def _zygote(child, sock: socket.socket, sockets, taken: int, pidns: bool, spawner: int = 0) -> None:
     try:
         premade: dict[int, int] = {}
         if pidns:  # the agent's child: it ends when the agent closes the socket
@@ -156,7 +156,7 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, parent: int, pidns:
             # A zygote dies with its spawner: the requests queued for it then end (their sync
             # sockets close) instead of waiting for a zygote that never comes.
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != parent:
+            if os.getppid() != spawner:
                 os._exit(0)
         msg, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)  # EINTR is retried (PEP 475)
         if not msg:
@@ -239,8 +239,7 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        agent_pid = int(sys.argv[1])
-        if os.getppid() != agent_pid:
+        if os.getppid() != int(sys.argv[1]):
             os._exit(0)  # the agent (possibly PID 1) died before PR_SET_PDEATHSIG took hold
         _import_tasks()
         from agent.runtime import seccomp
@@ -250,7 +249,7 @@ def main() -> None:
         for fd in (SPAWNER_FD, INIT_FD):
             socks.append(socket.socket(fileno=fd))
             os.set_inheritable(fd, False)
-        _serve(*socks, agent_pid)
+        _serve(*socks)
     finally:
         os._exit(1)
 
