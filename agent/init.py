@@ -486,6 +486,9 @@ def pid1_setup(cmdline: dict[str, str] | None = None) -> None:
         start_debug_console({**cmdline, "agent.debug_console_dev": "/nonexistent"})
     _log(f"pid1 set-up {time.monotonic() - t0:.3f}s (mounts {t1 - t0:.3f}, modules {t2 - t1:.3f}, "
          f"network {t3 - t2:.3f})")
+    from agent import boottrace
+
+    boottrace.mark("pid1-setup", t0, s=f"{time.monotonic() - t0:.6f}")
 
 
 def poweroff(graceful_timeout: float = 1.0) -> None:

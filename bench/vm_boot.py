@@ -1,12 +1,27 @@
 #!/usr/bin/env python3
-"""Boot-to-first-Health.Check of the guest under QEMU, per arch, plus image sizes and agent RSS.
+"""Boot of the guest under QEMU, from QEMU's start to the first answered Health.Check, laid out on
+one clock: where the time goes, the agent beside the bare health server (``--stub``), interleaved.
 
-    python3 bench/vm_boot.py [--arch x86_64 --arch aarch64] [--runs 3] [--accel tcg] [--stub]
-                             [--machine microvm|q35] [--cpu max] [--json out.json]
+    python3 bench/vm_boot.py [--arch x86_64 --arch aarch64] [--runs 3] [--accel tcg]
+                             [--variant SPEC ...] [--imports] [--json out.json]
 
-Each run is a fresh QEMU (start -> Health.Check answered on a fresh channel -> stop). Reported:
-median/min/max seconds, the kernel's own timestamp of PID-1 set-up when the console shows it,
-the agent's VmRSS (via the debug shell), and the sizes of kernel and initrd.
+A variant is ``NAME[;stub][;image=DIR][;cmdline=KERNEL ARGS]``; the defaults are ``agent`` (the
+real agent as PID 1) and ``stub`` (guest-image/stub_agent.py: PID-1 set-up, then a bare grpcio
+health server). Each run boots one fresh QEMU per variant, the variants in turn (the order flips
+every run), so that a slow minute of this shared machine hits all of them alike.
+
+Where the times come from:
+- the kernel's log (``dmesg`` through the debug shell): the kernel's own messages and the records
+  that ``agent.boottrace`` writes there from /init on (marks, and the imports that took 10 ms or
+  more), all on the kernel's clock;
+- the agent's "agent serving" log line on the console (its wall time, placed on the kernel's
+  clock by the wall time of /init's first mark);
+- the host: QEMU's start and the first answered Health.Check, placed on the guest's clock by
+  writing a line into the guest's kernel log from the host (three tries; the shortest round trip
+  is kept, so the placement is good to half of it, printed as ``sync``).
+
+Reported per variant: each milestone's median over the runs with min and max, in seconds since
+QEMU's start; with ``--imports`` the import tree too; RSS of PID 1 and the spawner.
 """
 from __future__ import annotations
 
@@ -15,31 +30,237 @@ import json
 import re
 import statistics
 import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qemu.vm import Guest, image_dir  # noqa: E402
 
+KMSG_LINE = re.compile(r"^\[\s*([\d.]+)\] (.*)$")
+BOOT_RECORD = re.compile(r"kata-boot: (mark|import) (\S+) mono=([\d.]+)(.*)$")
+KERNEL_EVENTS = {  # dmesg text -> milestone
+    "Trying to unpack rootfs image as initramfs": "initramfs unpack starts",
+    "Freeing initrd memory": "initramfs unpacked",
+    "Run /init as init process": "kernel runs /init",
+}
+# Milestones in the order of a boot; a variant shows those it reaches.
+MILESTONES = (
+    "qemu start", "kernel start", "initramfs unpack starts", "initramfs unpacked",
+    "kernel runs /init", "python runs /init", "agent main", "stub main", "pid1 set-up done",
+    "spawner started", "spawner ready", "stub imported grpc", "serving", "health answered",
+)
 
-def one(arch: str, a) -> dict:
-    extra = "agent.stub" if a.stub else ""
+
+@dataclass
+class Variant:
+    name: str
+    stub: bool = False
+    image: Path | None = None
+    cmdline: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        name, *parts = spec.split(";")
+        v = cls(name=name, stub=name == "stub")
+        for part in parts:
+            key, _, value = part.partition("=")
+            if key == "stub":
+                v.stub = True
+            elif key == "image":
+                v.image = Path(value)
+            elif key == "cmdline":
+                v.cmdline = value
+            else:
+                raise SystemExit(f"--variant {spec!r}: unknown part {part!r}")
+        return v
+
+
+@dataclass
+class Run:
+    seconds: float
+    events: dict[str, float] = field(default_factory=dict)   # milestone -> s since QEMU start
+    imports: list[dict] = field(default_factory=list)        # name, start, s, parent
+    sync_rtt: float | None = None
+    rss_kib: dict[str, int] = field(default_factory=dict)
+    console_errors: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- parsing
+
+def parse_kmsg(text: str) -> tuple[dict[str, float], list[dict], list[tuple[str, float]]]:
+    """dmesg -> (kernel milestones, boot records, sync lines) on the kernel's clock."""
+    kernel: dict[str, float] = {}
+    records: list[dict] = []
+    syncs: list[tuple[str, float]] = []
+    for line in text.splitlines():
+        m = KMSG_LINE.match(line.strip())
+        if not m:
+            continue
+        ts, msg = float(m.group(1)), m.group(2)
+        for needle, event in KERNEL_EVENTS.items():
+            if msg.startswith(needle):
+                kernel.setdefault(event, ts)
+        r = BOOT_RECORD.search(msg)
+        if r:
+            fields = dict(kv.split("=", 1) for kv in r.group(4).split() if "=" in kv)
+            records.append({"kind": r.group(1), "name": r.group(2), "mono": float(r.group(3)),
+                            "printk": ts, **fields})
+        elif msg.startswith("kata-boot: sync "):
+            syncs.append((msg.split()[-1], ts))
+    return kernel, records, syncs
+
+
+def mono_to_printk(records: list[dict]) -> float:
+    """The kernel's log clock minus CLOCK_MONOTONIC: the smallest lag of a record written at once."""
+    lags = [r["printk"] - r["mono"] - float(r.get("s", 0) if r["kind"] == "import" else 0)
+            for r in records]
+    return min(lags) if lags else 0.0
+
+
+def serving_wall(console: str) -> float | None:
+    """Wall time of the agent's "agent serving" line on the console."""
+    for line in console.splitlines():
+        if '"agent serving"' not in line or not line.startswith("{"):
+            continue
+        try:
+            t = json.loads(line)["time"]
+        except (ValueError, KeyError):
+            continue
+        return datetime.strptime(t, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    return None
+
+
+# --------------------------------------------------------------------------- one boot
+
+def sync_clock(g: Guest, tries: int = 3) -> tuple[float, float]:
+    """Host monotonic time of the guest kernel log's zero, and the round trip it was taken with."""
+    g.shell("true")  # the shell's own set-up out of the way
+    samples = []
+    for i in range(tries):
+        h0 = time.monotonic()
+        g.shell(f"echo '<7>kata-boot: sync {i}' > /dev/kmsg")
+        samples.append((time.monotonic() - h0, h0, str(i)))
+    _, out = g.shell("dmesg | grep 'kata-boot: sync'")
+    _, _, syncs = parse_kmsg(out)
+    at = dict(syncs)
+    rtt, h0, key = min(s for s in samples if s[2] in at)
+    return h0 + rtt / 2 - at[key], rtt
+
+
+def rss(g: Guest) -> dict[str, int]:
+    script = ("for d in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null); "
+              "case \"${d#/proc/}:$c\" in 1:*) n=pid1;; *agent.runtime.spawner*) n=spawner;; *) continue;; esac; "
+              "echo \"$n $(grep VmRSS $d/status | tr -s ' ' | cut -d' ' -f2)\"; done")
+    _, out = g.shell(script, timeout=30)
+    found: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            found.setdefault(parts[0], int(parts[1]))
+    return found
+
+
+def one(arch: str, v: Variant, a) -> Run:
+    cmdline = " ".join(x for x in ("agent.stub" if v.stub else "", v.cmdline) if x)
     g = Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True,
-              cmdline=extra, name=f"bench-{arch}", boot_timeout=180)
+              cmdline=cmdline, image=v.image, name=f"bench-{arch}-{v.name}", boot_timeout=300)
     try:
         g.start()
-        rss = None
+        run = Run(seconds=round(g.boot_seconds, 3))
+        zero, run.sync_rtt = sync_clock(g)
+        _, kmsg = g.shell("dmesg", timeout=60)
+        console = g.console_log.read_text(errors="replace")
+        kernel, records, _ = parse_kmsg(kmsg)
+        lag = mono_to_printk(records)
+        since = lambda printk: round(printk + zero - g.launched_at, 4)  # noqa: E731
+        ev = run.events
+        ev["qemu start"] = 0.0
+        ev["kernel start"] = since(0.0)
+        for name, ts in kernel.items():
+            ev[name] = since(ts)
+        marks = {r["name"]: r for r in records if r["kind"] == "mark"}
+        for mark, event in (("init-start", "python runs /init"), ("agent-main", "agent main"),
+                            ("stub-main", "stub main"), ("spawner-started", "spawner started"),
+                            ("spawner-ready", "spawner ready"), ("stub-imported", "stub imported grpc"),
+                            ("stub-serving", "serving")):
+            if mark in marks:
+                ev[event] = since(marks[mark]["mono"] + lag)
+        if "pid1-setup" in marks:
+            r = marks["pid1-setup"]
+            ev["pid1 set-up done"] = since(r["mono"] + float(r.get("s", 0)) + lag)
+        wall = serving_wall(console)
+        if wall is not None and "init-start" in marks and "wall" in marks["init-start"]:
+            r = marks["init-start"]
+            ev["serving"] = since(r["mono"] + wall - float(r["wall"]) + lag)
+        ev["health answered"] = round(g.ready_at - g.launched_at, 4)
+        run.imports = [{"name": r["name"], "start": since(r["mono"] + lag), "s": float(r["s"]),
+                        "in": r.get("in", "-")} for r in records if r["kind"] == "import"]
         try:
-            _, out = g.shell("grep VmRSS /proc/1/status", timeout=20)
-            m = re.search(r"VmRSS:\s+(\d+)", out)
-            rss = int(m.group(1)) if m else None
+            run.rss_kib = rss(g)
         except Exception:  # noqa: BLE001 - RSS is a bonus
             pass
-        log = g.console_log.read_text(errors="replace")
-        return {"seconds": round(g.boot_seconds, 3), "accel": g.used_accel, "agent_rss_kib": rss,
-                "pid1_setup": (re.search(r"pid1 set-up ([\d.]+)s", log) or [None, None])[1]}
+        run.console_errors = [l for l in console.splitlines() if "Traceback" in l or '"level": "error"' in l]
+        return run
     finally:
         g.cleanup()
+
+
+# --------------------------------------------------------------------------- report
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):6.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
+def milestone_table(arch: str, results: dict[str, list[Run]]) -> str:
+    names = list(results)
+    rows = [f"{arch}: seconds since QEMU start, median [min-max] of {max(len(r) for r in results.values())}",
+            f"  {'milestone':24s}" + "".join(f"{n:>22s}" for n in names)]
+    for ms in MILESTONES:
+        cells = []
+        for n in names:
+            vals = [r.events[ms] for r in results[n] if ms in r.events]
+            cells.append(spread(vals) if vals else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"  {ms:24s}" + "".join(f"{c:>22s}" for c in cells))
+    for key in ("pid1", "spawner"):
+        cells = []
+        for n in names:
+            vals = [r.rss_kib[key] / 1024 for r in results[n] if key in r.rss_kib]
+            cells.append(spread(vals) if vals else "-")
+        if any(c != "-" for c in cells):
+            rows.append(f"  {'RSS MB ' + key:24s}" + "".join(f"{c:>22s}" for c in cells))
+    rtts = [r.sync_rtt * 1000 for rs in results.values() for r in rs if r.sync_rtt is not None]
+    if rtts:
+        rows.append(f"  (host/guest clock placed to within {max(rtts) / 2:.1f} ms)")
+    return "\n".join(rows)
+
+
+def import_tree(name: str, runs: list[Run], min_s: float = 0.03) -> str:
+    """Imports asked for by PID 1 itself (top level) with their larger children, medians."""
+    by: dict[tuple[str, str], list[float]] = {}
+    first: dict[tuple[str, str], float] = {}
+    for run in runs:
+        for r in run.imports:
+            key = (r["in"], r["name"])
+            by.setdefault(key, []).append(r["s"])
+            first[key] = min(first.get(key, 1e9), r["start"])
+    med = {k: statistics.median(v) for k, v in by.items()}
+    lines = [f"imports of {name} (inclusive seconds, median; children of {min_s:.2f} s or more)"]
+
+    def walk(parent: str, depth: int) -> None:
+        kids = sorted((k for k in med if k[0] == parent and med[k] >= min_s), key=lambda k: first[k])
+        for k in kids:
+            lines.append(f"  {'  ' * depth}{k[1]:{40 - 2 * depth}s} {med[k]:6.3f}  at {first[k]:6.2f}")
+            if depth < 3:
+                walk(k[1], depth + 1)
+
+    walk("-", 0)
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -49,26 +270,34 @@ def main() -> int:
     p.add_argument("--accel", default="tcg", choices=["auto", "kvm", "tcg"])
     p.add_argument("--machine", default=None)
     p.add_argument("--cpu", default=None)
-    p.add_argument("--stub", action="store_true", help="boot the stub health server, not the agent")
+    p.add_argument("--variant", action="append", type=Variant.parse,
+                   help="NAME[;stub][;image=DIR][;cmdline=ARGS] (default: agent and stub)")
+    p.add_argument("--stub", action="store_true", help="only the stub (same as --variant stub)")
+    p.add_argument("--imports", action="store_true", help="print the import tree of each variant")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    results = {}
+    variants = a.variant or ([Variant("stub", stub=True)] if a.stub else [Variant("agent"), Variant("stub", stub=True)])
+    report: dict = {}
     for arch in a.arch or ["x86_64", "aarch64"]:
-        runs = [one(arch, a) for _ in range(a.runs)]
-        secs = [r["seconds"] for r in runs]
+        results: dict[str, list[Run]] = {v.name: [] for v in variants}
+        for i in range(a.runs):
+            for v in (variants if i % 2 == 0 else variants[::-1]):
+                run = one(arch, v, a)
+                results[v.name].append(run)
+                print(f"  {arch} {v.name:10s} run {i + 1}: {run.seconds:.2f} s", file=sys.stderr, flush=True)
+                for err in run.console_errors[:3]:
+                    print(f"    console: {err[:200]}", file=sys.stderr)
         m = json.loads((image_dir(arch) / "manifest.json").read_text())
-        results[arch] = {
-            "boot_to_health_median_s": statistics.median(secs), "min_s": min(secs), "max_s": max(secs),
-            "runs": runs, "kernel_bytes": m["kernel"]["size"], "initrd_bytes": m["initrd"]["size"],
-            "compression": m["compression"], "kernel_version": m["kernel_version"],
-        }
-        r = results[arch]
-        print(f"{arch:8s} {runs[0]['accel']:4s} boot->Health.Check median {r['boot_to_health_median_s']:.2f}s "
-              f"(min {r['min_s']:.2f}, max {r['max_s']:.2f}, n={len(secs)}); "
-              f"agent RSS {runs[-1]['agent_rss_kib']} KiB; kernel {r['kernel_bytes'] / 1e6:.1f} MB, "
-              f"initrd {r['initrd_bytes'] / 1e6:.1f} MB ({r['compression']})", flush=True)
+        print(milestone_table(arch, results))
+        print(f"  kernel {m['kernel']['size'] / 1e6:.1f} MB, initrd {m['initrd']['size'] / 1e6:.1f} MB "
+              f"({m['compression']}), {m['kernel_version']}")
+        if a.imports:
+            for name, runs in results.items():
+                print(import_tree(name, runs))
+        print(flush=True)
+        report[arch] = {n: [r.__dict__ for r in runs] for n, runs in results.items()}
     if a.json:
-        a.json.write_text(json.dumps(results, indent=2) + "\n")
+        a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

@@ -20,6 +20,9 @@ def main(cmdline: dict) -> None:
     from agent.protocols import health_pb2, health_pb2_grpc
 
     t2 = time.monotonic()
+    from agent import boottrace
+
+    boottrace.mark("stub-imported")
 
     class KataHealth(health_pb2_grpc.HealthServicer):
         def Check(self, request, context):
@@ -41,6 +44,7 @@ def main(cmdline: dict) -> None:
         except Exception as e:  # noqa: BLE001 - vsock may be missing
             print(f"stub-agent: cannot listen on {a}: {e}", file=sys.stderr, flush=True)
     server.start()
+    boottrace.mark("stub-serving")
     print(f"stub-agent: serving {addrs} (setup {t1 - t0:.3f}s, import grpc {t2 - t1:.3f}s)",
           file=sys.stderr, flush=True)
     while True:

@@ -150,6 +150,8 @@ class Guest:
     port: int = 0
     used_accel: str = ""
     boot_seconds: float = 0.0
+    launched_at: float = 0.0            # time.monotonic() when QEMU was started ...
+    ready_at: float = 0.0               # ... and when the agent first answered
     proc: subprocess.Popen | None = field(default=None, repr=False)
     virtiofsd_proc: subprocess.Popen | None = field(default=None, repr=False)
     _own_run_dir: bool = field(default=False, repr=False)
@@ -285,7 +287,7 @@ class Guest:
         argv = self._qemu_argv(accel, mem_backend)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         qlog = open(self.run_dir / "qemu.log", "wb")
-        t0 = time.monotonic()
+        t0 = self.launched_at = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         qlog.close()
@@ -294,7 +296,8 @@ class Guest:
             if self.proc.poll() is not None:
                 break
             if health_check(self.addr, timeout=1.0):
-                self.boot_seconds = time.monotonic() - t0
+                self.ready_at = time.monotonic()
+                self.boot_seconds = self.ready_at - t0
                 self.used_accel = accel
                 return True
             time.sleep(0.05)

@@ -117,6 +117,21 @@ def test_agent_serves_vsock_in_guest(guest):
     assert rc == 0 and "FRAME 4" in out, out
 
 
+def test_boot_timeline_in_kernel_log(guest):
+    """PID 1's start-up marks and slow imports are in the kernel's log, in the order of a boot
+    (bench/vm_boot.py reads them there)."""
+    if os.environ.get("KATA_VM_STUB") == "1":
+        pytest.skip("the stub agent has its own marks")
+    rc, out = guest.shell("dmesg | grep 'kata-boot: '")
+    assert rc == 0, out
+    marks = [line.split("kata-boot: mark ")[1].split()[0] for line in out.splitlines() if "kata-boot: mark " in line]
+    wanted = ["init-start", "agent-main", "pid1-setup", "spawner-started"]
+    assert [m for m in marks if m in wanted] == wanted, out
+    assert "spawner-ready" in marks, out
+    imports = [line for line in out.splitlines() if "kata-boot: import " in line]
+    assert any(" import agent." in line and " s=" in line for line in imports), out
+
+
 def test_qmp(guest):
     assert guest.qmp("query-status")["status"] == "running"
 
