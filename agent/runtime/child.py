@@ -210,17 +210,18 @@ def spawn_exec(req: dict[str, Any], sync: socket.socket, stdio: list[int], cgrou
 
 
 def spawn_task(fn: Callable[..., Any], args: dict[str, Any], sync: socket.socket, fds: list[int]) -> NoReturn:
-    """The intermediate child of a generic task: fork the worker, report its pid."""
-    pid = os.fork()
-    if pid == 0:
+    """The intermediate child of a generic task: fork the worker and exit. The worker reports
+    its own pid before anything else, so the caller reads the pid first whichever process the
+    scheduler runs first (the intermediate reporting it raced the worker's reply)."""
+    if os.fork() == 0:
         code = 0
         try:
+            send(sync, {"pid": os.getpid()})  # the spawner's PID namespace: the agent's
             fn(args, fds, lambda msg: send(sync, msg))
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             send(sync, {"error": f"{type(exc).__name__}: {exc}"})
             code = 1
         os._exit(code)
-    send(sync, {"pid": pid})
     os._exit(0)
 
 
