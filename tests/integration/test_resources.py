@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
 
 import grpc
@@ -135,7 +136,10 @@ def test_pause_and_resume(cgparent, agent, busybox_rootfs, container_id):
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
     call(agent, "ResumeContainer", container_id)
-    assert proc_state(pid) == "S"
+    deadline = time.monotonic() + 5  # thawed: it runs, then sleeps again
+    while proc_state(pid) != "S":
+        assert time.monotonic() < deadline, f"state {proc_state(pid)!r} 5 s after ResumeContainer"
+        time.sleep(0.01)
     call(agent, "PauseContainer", container_id)
     call(agent, "RemoveContainer", container_id)  # removing a paused container works
     assert not cgparent.leftovers()
