@@ -1,8 +1,8 @@
 """Entry point: ``python -m agent`` and the ``kata-agent`` console script.
 
 Order matters. Settings are read and, as PID 1, the guest is set up; then the container spawner
-is forked while this process is still single-threaded and has not imported grpc; only then is the
-gRPC server built.
+is forked while this process is still single-threaded; only then do the listeners start. grpcio,
+which starts threads, comes later still, with the first gRPC connection (agent.server).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         spawner = spawner_mod.start_spawner(cfg)
 
-    from agent import server  # imports grpc: no fork of this process that runs Python after this
+    from agent import server  # threads (grpcio, executors) may start after this: no fork that runs Python
 
     try:
         return asyncio.run(server.serve(cfg, spawner=spawner))

@@ -1,37 +1,40 @@
-"""Builds the gRPC server, binds its listeners and runs it until SIGTERM/SIGINT."""
+"""The agent's listeners: every address serves ttrpc and gRPC, told apart by a connection's first bytes.
+
+    listener (vsock | tcp | unix) --first byte 0x00------------> ttrpc (agent.ttrpc, this event loop)
+                                 \\--"PRI * HTTP/2.0" preface--> relayed to grpcio's private socket
+
+A ttrpc frame starts with the high byte of its length, 0 for any frame under 16 MiB; an HTTP/2
+connection starts with its fixed preface. Anything else, or a preface begun but not completed
+within SNIFF_SECONDS, closes that connection and nothing else. (A client may connect and stay
+silent: pools open connections before their first call.)
+
+grpcio is started on the first gRPC connection (agent.grpc_server), listening on a unix socket in
+a root-only directory of the run dir; the listeners relay gRPC connections to it byte for byte.
+PyPI's grpcio has no vsock, and one listener per address must serve both protocols anyway.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
+import socket
 import stat
-
-import grpc
-from grpc_health.v1 import health as std_health
-from grpc_health.v1 import health_pb2 as std_health_pb2
-from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from agent import rpc
 from agent.config import Address, Config
 from agent.context import Agent
-from agent.protocols import agent_pb2, health_pb2
 from agent.runtime.reaper import REAPER
-from agent.service import KataHealth, add_service, build_agent_service
-from agent.vsock import Relay, relay_backend_path, vsock_listener
+from agent.service import Services
+from agent.ttrpc import ServerConnection
+from agent.vsock import vsock_listener
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE = 64 << 20
-SHUTDOWN_GRACE = 2.0
-SERVICE_NAMES = (
-    agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
-    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    std_health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection.SERVICE_NAME,
-)
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SNIFF_SECONDS = 10.0
 
 
 class ListenError(OSError):
@@ -41,6 +44,8 @@ class ListenError(OSError):
 class StartError(Exception):
     """An area's set-up failed (e.g. an invalid boot policy); the agent does not serve."""
 
+
+# ---------------------------------------------------------------------------------- sockets
 
 def _prepare_unix(addr: Address) -> None:
     """Remove a stale socket file left by an earlier agent; refuse to replace anything else."""
@@ -55,51 +60,232 @@ def _prepare_unix(addr: Address) -> None:
     os.unlink(addr.host)
 
 
-def build_server(agent: Agent) -> tuple[grpc.aio.Server, std_health.aio.HealthServicer]:
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE),
-        ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.so_reuseport", 0),
-    ])
-    add_service(server, build_agent_service(agent), agent_pb2.DESCRIPTOR.services_by_name["AgentService"])
-    add_service(server, KataHealth(agent), health_pb2.DESCRIPTOR.services_by_name["Health"])
-    standard = std_health.aio.HealthServicer()
-    std_health_pb2_grpc.add_HealthServicer_to_server(standard, server)
-    reflection.enable_server_reflection(SERVICE_NAMES, server)
-    return server, standard
-
-
-def bind(server: grpc.aio.Server, addrs: list[Address], run_dir: str) -> tuple[list[Address], list[Relay]]:
-    """Bind every address; a TCP port 0 becomes the port the kernel chose.
-
-    vsock addresses are served by relays (agent.vsock) into one private unix socket.
-    """
-    bound: list[Address] = []
-    relays: list[Relay] = []
-    backend = None
-    for addr in addrs:
+def listen_socket(addr: Address, backlog: int = 128) -> socket.socket:
+    """A non-blocking listening socket for ``addr``."""
+    try:
         if addr.scheme == "vsock":
-            try:
-                listener = vsock_listener(addr)
-            except OSError as exc:
-                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
-            if backend is None:
-                backend = relay_backend_path(run_dir)
-                _prepare_unix(Address("unix", host=backend))
-                server.add_insecure_port(f"unix:{backend}")
-            relays.append(Relay(listener, backend, str(addr)))
-            bound.append(addr)
-            continue
-        _prepare_unix(addr)
-        try:
-            port = server.add_insecure_port(addr.grpc_target())
-        except RuntimeError:
-            raise ListenError(f"cannot listen on {addr}") from None
+            return vsock_listener(addr, backlog)
         if addr.scheme == "tcp":
-            addr = Address("tcp", host=addr.host, port=port)
-        bound.append(addr)
-    return bound, relays
+            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+            sock = socket.create_server((addr.host, addr.port), family=family, backlog=backlog)
+        else:
+            _prepare_unix(addr)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.bind("\0" + addr.host if addr.abstract else addr.host)
+                sock.listen(backlog)
+            except OSError:
+                sock.close()
+                raise
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
 
+
+def bound_address(addr: Address, sock: socket.socket) -> Address:
+    """``addr`` with a TCP port 0 replaced by the port the kernel chose."""
+    if addr.scheme == "tcp" and addr.port == 0:
+        return Address("tcp", host=addr.host, port=sock.getsockname()[1])
+    return addr
+
+
+def private_socket_path(run_dir: str, name: str) -> str:
+    """A unix socket path in a root-only directory of the run dir (created on demand)."""
+    path = os.path.join(run_dir, "kata-agent")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return os.path.join(path, f"{name}-{os.getpid()}.sock")
+
+
+# ---------------------------------------------------------------------------------- connections
+
+class _Sniffer(asyncio.Protocol):
+    """Holds a new connection's first bytes until they name its protocol, then hands it over."""
+
+    def __init__(self, front: "Front") -> None:
+        self.front = front
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.buf[0] == 0:
+            self._switch(self.front.ttrpc_connection())
+        elif self.buf[:len(HTTP2_PREFACE)] == HTTP2_PREFACE[:len(self.buf)]:
+            if len(self.buf) >= len(HTTP2_PREFACE):
+                self._switch(_GrpcPipe(self.front))
+            elif self.timer is None:
+                self.timer = asyncio.get_running_loop().call_later(SNIFF_SECONDS, self.transport.close)
+        else:
+            log.debug("connection closed: neither ttrpc nor gRPC", extra={"fields": {"first": bytes(self.buf[:16]).hex()}})
+            self.transport.close()
+
+    def _switch(self, protocol: asyncio.Protocol) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(bytes(self.buf))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class _PipeEnd(asyncio.Protocol):
+    """One side of a byte pipe: what it receives goes to ``peer``'s transport."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _PipeEnd | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()  # flushes what is buffered first
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+    # flow control: when this side cannot take more, the peer stops reading
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class _GrpcPipe(_PipeEnd):
+    """The client's side of a gRPC connection, joined to grpcio once it is up."""
+
+    def __init__(self, front: "Front") -> None:
+        super().__init__()
+        self.front = front
+        self.early = bytearray()
+        self.task: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        transport.pause_reading()
+        self.front.pipes.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._join())
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early += data
+        else:
+            super().data_received(data)
+
+    async def _join(self) -> None:
+        try:
+            path = await self.front.grpc_backend()
+            _, backend = await asyncio.get_running_loop().create_unix_connection(_PipeEnd, path)
+        except Exception as exc:  # noqa: BLE001 - this connection fails, the listener lives on
+            log.warning("gRPC connection dropped: backend unavailable", extra={"fields": {"error": str(exc)}})
+            self.transport.close()
+            return
+        if self.transport.is_closing():
+            backend.transport.close()
+            return
+        backend.peer, self.peer = self, backend
+        backend.transport.write(bytes(self.early))
+        self.early.clear()
+        self.transport.resume_reading()
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self.front.pipes.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class Front:
+    """What every listener shares: the service table, open connections, and grpcio once started."""
+
+    def __init__(self, services: Services, run_dir: str) -> None:
+        self.services = services
+        self.run_dir = run_dir
+        self.servers: list[asyncio.AbstractServer] = []
+        self.conns: set[ServerConnection] = set()
+        self.pipes: set[_GrpcPipe] = set()
+        self._grpc = None
+        self._grpc_path = ""
+        self._grpc_start: asyncio.Task | None = None
+
+    async def listen(self, addr: Address) -> Address:
+        sock = listen_socket(addr)
+        try:
+            bound = bound_address(addr, sock)
+            self.servers.append(await asyncio.get_running_loop().create_server(
+                lambda: _Sniffer(self), sock=sock))
+        except BaseException:
+            sock.close()
+            raise
+        return bound
+
+    def ttrpc_connection(self) -> ServerConnection:
+        conn = ServerConnection(self.services.dispatch, on_close=lambda: self.conns.discard(conn))
+        self.conns.add(conn)
+        return conn
+
+    async def grpc_backend(self) -> str:
+        """The path of grpcio's socket; starts grpcio on the first call."""
+        if self._grpc_start is None:
+            self._grpc_start = asyncio.get_running_loop().create_task(self._start_grpc())
+        return await asyncio.shield(self._grpc_start)
+
+    async def _start_grpc(self) -> str:
+        loop = asyncio.get_running_loop()
+        # grpcio's import takes long (a second in a TCG guest): not on the event loop
+        module = await loop.run_in_executor(None, importlib.import_module, "agent.grpc_server")
+        path = private_socket_path(self.run_dir, "grpc")
+        _prepare_unix(Address("unix", host=path))
+        server = module.GrpcServer(self.services, f"unix:{path}")
+        await server.start()
+        self._grpc, self._grpc_path = server, path
+        log.info("gRPC started", extra={"fields": {"backend": path}})
+        return path
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.conns):
+            conn.close()
+        for pipe in list(self.pipes):
+            pipe.transport.close()
+        if self._grpc_start is not None:
+            try:
+                await self._grpc_start
+            except Exception:  # noqa: BLE001 - it never served
+                pass
+        if self._grpc is not None:
+            await self._grpc.stop()
+            try:
+                os.unlink(self._grpc_path)
+            except FileNotFoundError:
+                pass
+        for server in self.servers:
+            await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------------- the agent
 
 async def serve(config: Config, spawner=None) -> int:
     agent = Agent(config=config, spawner=spawner)
@@ -110,9 +296,9 @@ async def serve(config: Config, spawner=None) -> int:
     REAPER.install(loop)
     if spawner is not None:
         spawner.supervise()
-    rpc.load_all()
+    handlers = rpc.load_all()
     done = []
-    relays: list[Relay] = []
+    front: Front | None = None
     rc = 0
     try:
         for setup in rpc.SETUPS:
@@ -121,26 +307,19 @@ async def serve(config: Config, spawner=None) -> int:
             except Exception as exc:
                 raise StartError(f"{setup.__module__}: {exc}") from exc
             done.append(setup.__module__)
-        server, standard = build_server(agent)
-        bound, relays = bind(server, config.server_addrs, config.run_dir)
-        await server.start()
-        for relay in relays:
-            await relay.start()
-        for name in ("", *SERVICE_NAMES[:2]):
-            await standard.set(name, std_health_pb2.HealthCheckResponse.SERVING)
+        front = Front(Services(agent, handlers), config.run_dir)
+        bound = [await front.listen(addr) for addr in config.server_addrs]
         log.info("agent serving", extra={"fields": {"addrs": [str(a) for a in bound], "pid": os.getpid()}})
 
         await agent.stopping.wait()
         log.info("agent stopping")
-        await standard.enter_graceful_shutdown()
-        for relay in relays:
-            await relay.close()
-        await server.stop(SHUTDOWN_GRACE)
     except (StartError, ListenError) as exc:
         log.error("agent cannot start", extra={"fields": {"error": str(exc)}})
         rc = 1
     finally:
         agent.stopping.set()
+        if front is not None:
+            await front.close()
         for teardown in reversed(rpc.TEARDOWNS):
             if teardown.__module__ in done:
                 try:

@@ -93,32 +93,43 @@ def host_tsc_khz() -> int | None:
     return None
 
 
-def health_check(addr: str, timeout: float = 2.0) -> bool:
-    """One Health.Check on a fresh channel (a reused channel backs off in 5 s steps)."""
+def health_check(addr: str, timeout: float = 2.0, proto: str = "ttrpc") -> bool:
+    """One Health.Check on a fresh connection (a reused gRPC channel backs off in 5 s steps).
+
+    ttrpc asks the agent's Kata grpc.Health, as a Kata shim would, and needs no grpcio in the
+    guest; gRPC asks grpc.health.v1 (the stub health server has no other)."""
+    if proto == "ttrpc":
+        return _ttrpc_health(addr, timeout)
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = addr.removeprefix("tcp://")
-    ch = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    ch = grpc.insecure_channel(addr.removeprefix("tcp://"), options=[("grpc.enable_retries", 0)])
     try:
-        try:
-            from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-            stub = health_pb2_grpc.HealthStub(ch)
-            resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except ImportError:
-            pass
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                return False
-        from agent.protocols import health_pb2 as kpb, health_pb2_grpc as kgrpc
-
-        resp = kgrpc.HealthStub(ch).Check(kpb.CheckRequest(), timeout=timeout)
-        return resp.status == kpb.HealthCheckResponse.SERVING
-    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
         return False
     finally:
         ch.close()
+
+
+def _ttrpc_health(addr: str, timeout: float) -> bool:
+    from agent import ttrpc
+    from agent.protocols import health_pb2
+
+    host, _, port = addr.removeprefix("tcp://").rpartition(":")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError:
+        return False
+    client = ttrpc.Client(sock)
+    try:
+        reply = client.call("grpc.Health", "Check", b"", timeout=timeout)
+        return health_pb2.HealthCheckResponse.FromString(reply).status == health_pb2.HealthCheckResponse.SERVING
+    except (ttrpc.Status, OSError):
+        return False
+    finally:
+        client.close()
 
 
 class BootError(RuntimeError):
@@ -295,7 +306,7 @@ class Guest:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            if health_check(self.addr, timeout=1.0):
+            if health_check(self.addr, timeout=1.0, proto="grpc" if "agent.stub" in self.cmdline else "ttrpc"):
                 self.ready_at = time.monotonic()
                 self.boot_seconds = self.ready_at - t0
                 self.used_accel = accel

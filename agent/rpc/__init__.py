@@ -1,6 +1,6 @@
 """RPC handlers, one module per area; each registers its methods with ``@rpc("Name")``.
 
-A handler is ``async def handler(agent: Agent, request, context) -> reply``. It validates, calls
+A handler is ``async def handler(agent: Agent, request) -> reply``. It validates, calls
 the domain and returns the reply; it raises ``agent.errors.AgentError`` subclasses for failures.
 ``agent.service`` wraps every handler with policy, metrics, logging and error mapping, and answers
 UNIMPLEMENTED for any AgentService method that no module registered.

@@ -37,7 +37,7 @@ def _exec_id(request) -> str:
 
 
 @rpc("CreateContainer")
-async def create_container(agent, request, context):
+async def create_container(agent, request):
     cid = check_id(request.container_id)
     oci.validate(request.OCI)
     with agent.runtime.reserve(cid):
@@ -56,13 +56,13 @@ async def create_container(agent, request, context):
 
 
 @rpc("StartContainer")
-async def start_container(agent, request, context):
+async def start_container(agent, request):
     await agent.runtime.start(check_id(request.container_id))
     return EMPTY()
 
 
 @rpc("ExecProcess")
-async def exec_process(agent, request, context):
+async def exec_process(agent, request):
     cid = check_id(request.container_id)
     exec_id = check_id(request.exec_id, "exec_id")
     agent.runtime.get(cid)
@@ -75,13 +75,13 @@ async def exec_process(agent, request, context):
 
 
 @rpc("WaitProcess")
-async def wait_process(agent, request, context):
+async def wait_process(agent, request):
     status = await agent.runtime.wait(check_id(request.container_id), _exec_id(request))
     return agent_pb2.WaitProcessResponse(status=status)
 
 
 @rpc("SignalProcess")
-async def signal_process(agent, request, context):
+async def signal_process(agent, request):
     cid = check_id(request.container_id)
     if request.signal not in oci.SIGNALS and request.signal != 0:
         raise InvalidArgument(f"signal: {request.signal} is not a signal number")
@@ -90,7 +90,7 @@ async def signal_process(agent, request, context):
 
 
 @rpc("RemoveContainer")
-async def remove_container(agent, request, context):
+async def remove_container(agent, request):
     await agent.runtime.remove(check_id(request.container_id), timeout=request.timeout)
     return EMPTY()
 
@@ -100,28 +100,28 @@ def _stdio(agent, request):
 
 
 @rpc("ReadStdout")
-async def read_stdout(agent, request, context):
+async def read_stdout(agent, request):
     return agent_pb2.ReadStreamResponse(data=await _stdio(agent, request).read("stdout", request.len))
 
 
 @rpc("ReadStderr")
-async def read_stderr(agent, request, context):
+async def read_stderr(agent, request):
     return agent_pb2.ReadStreamResponse(data=await _stdio(agent, request).read("stderr", request.len))
 
 
 @rpc("WriteStdin")
-async def write_stdin(agent, request, context):
+async def write_stdin(agent, request):
     return agent_pb2.WriteStreamResponse(len=await _stdio(agent, request).write(request.data))
 
 
 @rpc("CloseStdin")
-async def close_stdin(agent, request, context):
+async def close_stdin(agent, request):
     _stdio(agent, request).close_stdin()
     return EMPTY()
 
 
 @rpc("TtyWinResize")
-async def tty_win_resize(agent, request, context):
+async def tty_win_resize(agent, request):
     stdio = _stdio(agent, request)
     if not stdio.terminal:
         raise FailedPrecondition("TtyWinResize: the process has no terminal")

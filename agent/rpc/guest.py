@@ -64,23 +64,23 @@ async def setup(agent: Agent) -> None:
 
 
 @rpc("SetPolicy")
-async def set_policy(agent: Agent, request: agent_pb2.SetPolicyRequest, context):
+async def set_policy(agent: Agent, request: agent_pb2.SetPolicyRequest):
     agent.policy.replace(request.policy)
     return empty_pb2.Empty()
 
 
 @rpc("GetMetrics")
-async def get_metrics(agent: Agent, request, context):
+async def get_metrics(agent: Agent, request):
     return agent_pb2.Metrics(metrics=agent.metrics.text())
 
 
 @rpc("GetGuestDetails")
-async def get_guest_details(agent: Agent, request: agent_pb2.GuestDetailsRequest, context):
+async def get_guest_details(agent: Agent, request: agent_pb2.GuestDetailsRequest):
     return guest.guest_details(request, EXTRA_FEATURES)
 
 
 @rpc("OnlineCPUMem")
-async def online_cpu_mem(agent: Agent, request: agent_pb2.OnlineCPUMemRequest, context):
+async def online_cpu_mem(agent: Agent, request: agent_pb2.OnlineCPUMemRequest):
     if request.wait:
         await guest.online_cpu_mem(request)
     else:  # the host does not wait: online in the background and log the outcome
@@ -100,49 +100,49 @@ def _log_background(task: asyncio.Task) -> None:
 
 
 @rpc("MemHotplugByProbe")
-async def mem_hotplug_by_probe(agent: Agent, request: agent_pb2.MemHotplugByProbeRequest, context):
+async def mem_hotplug_by_probe(agent: Agent, request: agent_pb2.MemHotplugByProbeRequest):
     await guest.mem_hotplug_by_probe(list(request.memHotplugProbeAddr))
     return empty_pb2.Empty()
 
 
 @rpc("SetGuestDateTime")
-async def set_guest_date_time(agent: Agent, request: agent_pb2.SetGuestDateTimeRequest, context):
+async def set_guest_date_time(agent: Agent, request: agent_pb2.SetGuestDateTimeRequest):
     guest.set_datetime(request.Sec, request.Usec)
     return empty_pb2.Empty()
 
 
 @rpc("ReseedRandomDev")
-async def reseed_random_dev(agent: Agent, request: agent_pb2.ReseedRandomDevRequest, context):
+async def reseed_random_dev(agent: Agent, request: agent_pb2.ReseedRandomDevRequest):
     guest.check_seed(request.data)
     await asyncio.to_thread(guest.reseed, request.data)
     return empty_pb2.Empty()
 
 
 @rpc("AddSwap")
-async def add_swap(agent: Agent, request: agent_pb2.AddSwapRequest, context):
+async def add_swap(agent: Agent, request: agent_pb2.AddSwapRequest):
     await guest.add_swap(list(request.PCIPath), agent.uevents, agent.config.hotplug_timeout)
     return empty_pb2.Empty()
 
 
 @rpc("AddSwapPath")
-async def add_swap_path(agent: Agent, request: agent_pb2.AddSwapPathRequest, context):
+async def add_swap_path(agent: Agent, request: agent_pb2.AddSwapPathRequest):
     await guest.add_swap_path(request.path)
     return empty_pb2.Empty()
 
 
 @rpc("GetVolumeStats")
-async def get_volume_stats(agent: Agent, request: agent_pb2.VolumeStatsRequest, context):
+async def get_volume_stats(agent: Agent, request: agent_pb2.VolumeStatsRequest):
     return await asyncio.to_thread(guest.volume_stats, request.volume_guest_path)
 
 
 @rpc("ResizeVolume")
-async def resize_volume(agent: Agent, request: agent_pb2.ResizeVolumeRequest, context):
+async def resize_volume(agent: Agent, request: agent_pb2.ResizeVolumeRequest):
     await guest.resize_volume(request.volume_guest_path)
     return empty_pb2.Empty()
 
 
 @rpc("GetDiagnosticData")
-async def get_diagnostic_data(agent: Agent, request: agent_pb2.GetDiagnosticDataRequest, context):
+async def get_diagnostic_data(agent: Agent, request: agent_pb2.GetDiagnosticDataRequest):
     if request.container_id:
         runtime = agent.runtime
         if runtime is None or request.container_id not in runtime.ids():
@@ -153,10 +153,10 @@ async def get_diagnostic_data(agent: Agent, request: agent_pb2.GetDiagnosticData
 
 
 @rpc("MemAgentMemcgSet")
-async def mem_agent_memcg_set(agent: Agent, request, context):
+async def mem_agent_memcg_set(agent: Agent, request):
     raise guest.memory_agent_unavailable("MemAgentMemcgSet")
 
 
 @rpc("MemAgentCompactSet")
-async def mem_agent_compact_set(agent: Agent, request, context):
+async def mem_agent_compact_set(agent: Agent, request):
     raise guest.memory_agent_unavailable("MemAgentCompactSet")

@@ -22,7 +22,7 @@ async def teardown(agent: Agent) -> None:
 
 
 @rpc("UpdateInterface")
-async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceRequest, context):
+async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceRequest):
     if not request.HasField("interface"):
         raise InvalidArgument("interface: required")
     # A PCI device the host just plugged may take a moment to appear; a MAC is looked up as is.
@@ -31,32 +31,32 @@ async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceReque
 
 
 @rpc("UpdateRoutes")
-async def update_routes(agent: Agent, request: agent_pb2.UpdateRoutesRequest, context):
+async def update_routes(agent: Agent, request: agent_pb2.UpdateRoutesRequest):
     routes = await network.update_routes(agent.network, list(request.routes.Routes))
     return agent_pb2.Routes(Routes=routes)
 
 
 @rpc("ListInterfaces")
-async def list_interfaces(agent: Agent, request, context):
+async def list_interfaces(agent: Agent, request):
     return agent_pb2.Interfaces(Interfaces=await network.list_interfaces(agent.network))
 
 
 @rpc("ListRoutes")
-async def list_routes(agent: Agent, request, context):
+async def list_routes(agent: Agent, request):
     return agent_pb2.Routes(Routes=await network.list_routes(agent.network))
 
 
 @rpc("AddARPNeighbors")
-async def add_arp_neighbors(agent: Agent, request: agent_pb2.AddARPNeighborsRequest, context):
+async def add_arp_neighbors(agent: Agent, request: agent_pb2.AddARPNeighborsRequest):
     await network.add_arp_neighbors(agent.network, list(request.neighbors.ARPNeighbors))
     return empty_pb2.Empty()
 
 
 @rpc("GetIPTables")
-async def get_iptables(agent: Agent, request: agent_pb2.GetIPTablesRequest, context):
+async def get_iptables(agent: Agent, request: agent_pb2.GetIPTablesRequest):
     return agent_pb2.GetIPTablesResponse(data=await network.get_iptables(request.is_ipv6))
 
 
 @rpc("SetIPTables")
-async def set_iptables(agent: Agent, request: agent_pb2.SetIPTablesRequest, context):
+async def set_iptables(agent: Agent, request: agent_pb2.SetIPTablesRequest):
     return agent_pb2.SetIPTablesResponse(data=await network.set_iptables(request.is_ipv6, request.data))

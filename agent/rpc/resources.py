@@ -41,7 +41,7 @@ def _running(container) -> bool:
 
 
 @rpc("UpdateContainer")
-async def update_container(agent, request, context):
+async def update_container(agent, request):
     container = _container(agent, request)
     if request.HasField("resources"):
         _cgroup(container).update(request.resources)
@@ -50,7 +50,7 @@ async def update_container(agent, request, context):
 
 
 @rpc("StatsContainer")
-async def stats_container(agent, request, context):
+async def stats_container(agent, request):
     container = _container(agent, request)
     reply = agent_pb2.StatsContainerResponse(cgroup_stats=_cgroup(container).stats())
     if _running(container):
@@ -59,7 +59,7 @@ async def stats_container(agent, request, context):
 
 
 @rpc("PauseContainer")
-async def pause_container(agent, request, context):
+async def pause_container(agent, request):
     container = _container(agent, request)
     if container.paused:
         raise FailedPrecondition(f"container {container.id} is already paused")
@@ -72,7 +72,7 @@ async def pause_container(agent, request, context):
 
 
 @rpc("ResumeContainer")
-async def resume_container(agent, request, context):
+async def resume_container(agent, request):
     container = _container(agent, request)
     if not container.paused:
         raise FailedPrecondition(f"container {container.id} is not paused")
@@ -83,7 +83,7 @@ async def resume_container(agent, request, context):
 
 
 @rpc("GetOOMEvent")
-async def get_oom_event(agent, request, context):
+async def get_oom_event(agent, request):
     manager = getattr(_runtime(agent), "cgroups", None)
     if manager is None:
         raise FailedPrecondition("cgroups are not available: no OOM events")

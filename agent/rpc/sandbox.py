@@ -40,25 +40,25 @@ async def teardown(agent) -> None:
 
 
 @rpc("CreateSandbox")
-async def create_sandbox(agent, request, context):
+async def create_sandbox(agent, request):
     await agent.sandbox.create(request)
     return EMPTY()
 
 
 @rpc("DestroySandbox")
-async def destroy_sandbox(agent, request, context):
+async def destroy_sandbox(agent, request):
     await agent.sandbox.destroy()
     return EMPTY()
 
 
 @rpc("CopyFile")
-async def copyfile(agent, request, context):
+async def copyfile(agent, request):
     copy_file(shared_root_for(agent.config.run_dir), request)
     return EMPTY()
 
 
 @rpc("UpdateEphemeralMounts")
-async def update_ephemeral_mounts(agent, request, context):
+async def update_ephemeral_mounts(agent, request):
     """Remount ephemeral (tmpfs/hugetlbfs) storages the agent mounted with new options (e.g. size)."""
     manager = agent.sandbox.storages
     plan = []
@@ -76,7 +76,7 @@ async def update_ephemeral_mounts(agent, request, context):
 
 
 @rpc("RemoveStaleVirtiofsShareMounts")
-async def remove_stale_virtiofs_share_mounts(agent, request, context):
+async def remove_stale_virtiofs_share_mounts(agent, request):
     """Unmount virtiofs mounts under shared/containers whose backing share is gone (ENOTCONN)."""
     root = shared_root_for(agent.config.run_dir)
     for m in reversed(mountinfo()):

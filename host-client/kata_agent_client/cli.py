@@ -16,7 +16,7 @@ import sys
 import grpc
 
 from kata_agent_client import commands
-from kata_agent_client.client import AgentClient
+from kata_agent_client.client import PROTOCOLS, AgentClient
 
 ADDR_ENV = "KATA_AGENT_ADDR"
 
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kata-agent-ctl", description="Drive a Kata-style guest agent.")
     p.add_argument("--addr", help="agent address: tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT "
                                   f"(default ${ADDR_ENV}, or the guest started by qemu/)")
+    p.add_argument("--proto", choices=PROTOCOLS, default="ttrpc",
+                   help="wire protocol (default ttrpc, as Kata's shims; the agent serves both)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-call timeout in seconds")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        with AgentClient(addr, timeout=args.timeout) as client:
+        with AgentClient(addr, timeout=args.timeout, proto=args.proto) as client:
             return args.func(args, client) or 0
     except grpc.RpcError as exc:
         print(f"kata-agent-ctl: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -1,37 +1,144 @@
-"""A blocking client for the agent: ``connect("tcp://127.0.0.1:1024").health()``."""
+"""A blocking client for the agent: ``connect("tcp://127.0.0.1:1024").health()``.
+
+It speaks ttrpc by default, as Kata's own shims do, or gRPC (``proto="grpc"``); the agent serves
+both on every address. Either way a failed call raises ``grpc.RpcError`` with ``code()`` and
+``details()``, so callers handle both protocols alike.
+"""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 
+from agent import ttrpc
 from agent.config import Address, parse_address
-from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
+from agent.protocols import agent_pb2, health_pb2
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 MAX_MESSAGE = 64 << 20
+PROTOCOLS = ("ttrpc", "grpc")
 
 
-def _target(addr: Address) -> str:
-    if addr.scheme == "vsock" and addr.cid == 0xFFFFFFFF:
-        raise ValueError(f"{addr}: a client needs a real CID, not -1")
-    return addr.grpc_target()
+class TtrpcError(grpc.RpcError):
+    """A ttrpc call's failure, shaped as grpc's: ``code()`` and ``details()``."""
+
+    def __init__(self, status: ttrpc.Status) -> None:
+        super().__init__(str(status))
+        self._code = grpc.StatusCode[status.code.name]
+        self._details = status.message
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def dial(addr: Address, timeout: float | None = None) -> socket.socket:
+    """A connected stream socket to ``addr``."""
+    if addr.scheme == "tcp":
+        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif addr.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        sock.connect("\0" + addr.host if addr.abstract else addr.host)
+    elif addr.scheme == "vsock":
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(timeout)
+        sock.connect((addr.cid, addr.port))
+    else:
+        raise ValueError(f"{addr}: cannot dial scheme {addr.scheme!r}")
+    sock.settimeout(None)
+    return sock
+
+
+class _TtrpcChannel:
+    """One ttrpc connection, made on first use and made again after the agent hung up.
+
+    A connection idle for IDLE_CHECK seconds is looked at before it is used again, so that a
+    call after the agent restarted goes to the new agent instead of failing on the old socket.
+    """
+
+    IDLE_CHECK = 0.1
+
+    def __init__(self, addr: Address) -> None:
+        self.addr = addr
+        self._lock = threading.Lock()
+        self._client: ttrpc.Client | None = None
+        self._used = 0.0
+
+    def client(self, timeout: float | None = None) -> ttrpc.Client:
+        with self._lock:
+            now = time.monotonic()
+            client = self._client
+            if client is not None and (client.closed or (now - self._used > self.IDLE_CHECK and not client.alive())):
+                client.close()
+                client = None
+            if client is None:
+                client = self._client = ttrpc.Client(dial(self.addr, timeout))
+            self._used = now
+            return client
+
+    def call(self, service: str, method: str, request, reply_cls, timeout: float | None):
+        try:
+            payload = self.client(timeout).call(service, method, request.SerializeToString(), timeout=timeout)
+        except ttrpc.Status as status:
+            raise TtrpcError(status) from None
+        except OSError as exc:
+            raise TtrpcError(ttrpc.ConnectionClosed(f"cannot reach {self.addr}: {exc.strerror or exc}")) from None
+        return reply_cls.FromString(payload)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+class _TtrpcStub:
+    """``stub.Method(request, timeout=...)`` for every method of a service, as a gRPC stub has."""
+
+    def __init__(self, channel: _TtrpcChannel, service) -> None:
+        for m in service.methods:
+            reply_cls = message_factory.GetMessageClass(m.output_type)
+
+            def call(request, timeout=None, *, _name=m.name, _reply=reply_cls):
+                return channel.call(service.full_name, _name, request, _reply, timeout)
+
+            setattr(self, m.name, call)
 
 
 class AgentClient:
     """Typed helpers for the common calls, and ``call`` for any AgentService method."""
 
-    def __init__(self, addr: str, *, timeout: float | None = 30.0) -> None:
+    def __init__(self, addr: str, *, timeout: float | None = 30.0, proto: str = "ttrpc") -> None:
+        if proto not in PROTOCOLS:
+            raise ValueError(f"proto must be one of {', '.join(PROTOCOLS)}, not {proto!r}")
         self.addr = parse_address(addr)
+        if self.addr.scheme == "vsock" and self.addr.cid == 0xFFFFFFFF:
+            raise ValueError(f"{self.addr}: a client needs a real CID, not -1")
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(_target(self.addr), options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ])
-        self.agent = agent_pb2_grpc.AgentServiceStub(self.channel)
-        self.kata_health = health_pb2_grpc.HealthStub(self.channel)
+        self.proto = proto
+        if proto == "grpc":
+            from agent.protocols import agent_pb2_grpc, health_pb2_grpc
+
+            self.channel = grpc.insecure_channel(self.addr.grpc_target(), options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+            ])
+            self.agent = agent_pb2_grpc.AgentServiceStub(self.channel)
+            self.kata_health = health_pb2_grpc.HealthStub(self.channel)
+        else:
+            self.channel = _TtrpcChannel(self.addr)
+            self.agent = _TtrpcStub(self.channel, AGENT_SERVICE)
+            self.kata_health = _TtrpcStub(self.channel, HEALTH_SERVICE)
 
     def close(self) -> None:
         self.channel.close()
@@ -43,12 +150,24 @@ class AgentClient:
         self.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        ready = grpc.channel_ready_future(self.channel)
-        try:
-            ready.result(timeout=timeout)
-        except BaseException:
-            ready.cancel()  # else it keeps polling the channel, and fails once that is closed
-            raise
+        """Return once the agent accepts a connection; raise TimeoutError (or grpc's) after ``timeout``."""
+        if self.proto == "grpc":
+            ready = grpc.channel_ready_future(self.channel)
+            try:
+                ready.result(timeout=timeout)
+            except BaseException:
+                ready.cancel()  # else it keeps polling the channel, and fails once that is closed
+                raise
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.channel.client(timeout=max(0.01, deadline - time.monotonic()))
+                return
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self.addr}: not reachable within {timeout:g} s: {exc}") from None
+                time.sleep(0.02)
 
     # --- health ---
     def health(self) -> str:
@@ -65,8 +184,6 @@ class AgentClient:
         m = AGENT_SERVICE.methods_by_name.get(method)
         if m is None:
             raise ValueError(f"no AgentService method {method!r}")
-        from google.protobuf import message_factory
-
         return message_factory.GetMessageClass(m.input_type)
 
     def call(self, method: str, request: Any = None, *, timeout: float | None = None) -> Any:

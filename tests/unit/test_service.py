@@ -1,4 +1,5 @@
-"""The service layer in-process: UNIMPLEMENTED, error mapping, policy hook, health, reflection."""
+"""The one service table behind both transports: every case runs over ttrpc and over gRPC, and
+both must give the same code, message and reply."""
 
 from __future__ import annotations
 
@@ -7,23 +8,36 @@ import asyncio
 import grpc
 import pytest
 
-from agent.config import Config
-from agent.context import Agent
+from agent import ttrpc
 from agent.errors import InvalidArgument, PermissionDenied
-from agent.protocols import agent_pb2, agent_pb2_grpc, health_pb2, health_pb2_grpc
-from agent.service import METHODS, KataHealth, agent_service_class
+from agent.protocols import agent_pb2, health_pb2
+from agent.service import METHODS, Services
+from agent.context import Agent
+from agent.config import Config
+from kata_agent_client.client import AgentClient
+from tests.unit.served import served
+
+PROTOCOLS = ("ttrpc", "grpc")
 
 
-async def _invalid(agent, request, context):
+async def _invalid(agent, request):
     raise InvalidArgument("container_id: empty")
 
 
-async def _crash(agent, request, context):
+async def _crash(agent, request):
     raise ZeroDivisionError("boom")
 
 
-async def _echo_id(agent, request, context):
+async def _oserror(agent, request):
+    raise FileNotFoundError(2, "No such file or directory", "/run/x")
+
+
+async def _echo_id(agent, request):
     return agent_pb2.WaitProcessResponse(status=len(request.container_id))
+
+
+async def _empty(agent, request):
+    return agent_pb2.google_dot_protobuf_dot_empty__pb2.Empty()
 
 
 class DenyStart:
@@ -32,85 +46,95 @@ class DenyStart:
             raise PermissionDenied(f"{method}: denied by rule no-start")
 
 
-def run_with_server(handlers, body, policy=None):
-    async def main():
-        agent = Agent(config=Config(), policy=policy)
-        server = grpc.aio.server()
-        servicer = agent_service_class(handlers)()
-        servicer.agent = agent
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(KataHealth(agent), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-                return await body(ch)
-        finally:
-            await server.stop(None)
+HANDLERS = {"StartContainer": _invalid, "RemoveContainer": _crash, "WaitProcess": _echo_id,
+            "SignalProcess": _oserror, "PauseContainer": _empty}
 
-    return asyncio.run(main())
+# (method, request, expected code, expected message or reply)
+CASES = [
+    ("WaitProcess", agent_pb2.WaitProcessRequest(container_id="abcd"), "OK",
+     agent_pb2.WaitProcessResponse(status=4)),
+    ("StartContainer", agent_pb2.StartContainerRequest(container_id="x"), "PERMISSION_DENIED",
+     "StartContainer: denied by rule no-start"),
+    ("RemoveContainer", agent_pb2.RemoveContainerRequest(), "INTERNAL", "ZeroDivisionError: boom"),
+    ("SignalProcess", agent_pb2.SignalProcessRequest(), "INTERNAL", "No such file or directory: /run/x"),
+    ("ResumeContainer", agent_pb2.ResumeContainerRequest(), "UNIMPLEMENTED",
+     "ResumeContainer is not implemented by this agent"),
+    ("PauseContainer", agent_pb2.PauseContainerRequest(), "OK",
+     agent_pb2.google_dot_protobuf_dot_empty__pb2.Empty()),
+]
 
 
-def test_every_agent_service_method_is_served():
+def _outcome(client: AgentClient, method: str, request):
+    try:
+        return "OK", client.call(method, request, timeout=10)
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details()
+
+
+def test_every_agent_service_method_is_in_the_table():
+    services = Services(Agent(config=Config()), {})
     assert len(METHODS) == 42
-    cls = agent_service_class({})
-    assert all(callable(getattr(cls, m)) for m in METHODS)
+    assert {name for (service, name) in services.methods if service == "grpc.AgentService"} == set(METHODS)
+    assert set(services.service_names) == {"grpc.AgentService", "grpc.Health"}
 
 
 def test_unknown_handler_name_is_refused():
     with pytest.raises(RuntimeError, match="NoSuchMethod"):
-        agent_service_class({"NoSuchMethod": _echo_id})
+        Services(Agent(config=Config()), {"NoSuchMethod": _echo_id})
 
 
-async def _call(ch, method, request):
-    stub = agent_pb2_grpc.AgentServiceStub(ch)
-    try:
-        return await getattr(stub, method)(request)
-    except grpc.aio.AioRpcError as exc:
-        return exc.code(), exc.details()
+def test_one_table_of_cases_through_both_protocols():
+    with served(HANDLERS, policy=DenyStart()) as s:
+        got = {}
+        for proto in PROTOCOLS:
+            with AgentClient(s.addr, proto=proto) as client:
+                got[proto] = [_outcome(client, m, req) for m, req, _, _ in CASES]
+    expected = [(code, want) for _, _, code, want in CASES]
+    assert got["ttrpc"] == expected
+    assert got["grpc"] == expected
 
 
-def test_unimplemented_names_the_method():
-    got = run_with_server({}, lambda ch: _call(ch, "PauseContainer", agent_pb2.PauseContainerRequest()))
-    assert got == (grpc.StatusCode.UNIMPLEMENTED, "PauseContainer is not implemented by this agent")
+def test_undecodable_body_names_the_message_type_on_both():
+    body = b"\x0a\xff"  # field 1, length 255, no bytes follow
+    want = "StartContainer: request is not a valid grpc.StartContainerRequest"
+    with served(HANDLERS) as s:
+        with AgentClient(s.addr) as client:
+            with pytest.raises(ttrpc.Status) as t_err:
+                client.channel.client().call("grpc.AgentService", "StartContainer", body, timeout=10)
+        with grpc.insecure_channel(s.addr.removeprefix("tcp://")) as ch:
+            raw = ch.unary_unary("/grpc.AgentService/StartContainer")
+            with pytest.raises(grpc.RpcError) as g_err:
+                raw(body, timeout=10)
+    assert g_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert g_err.value.details().startswith(want)
+    assert t_err.value.code == 3 and t_err.value.message.startswith(want)
 
 
-def test_domain_error_maps_to_its_code():
-    got = run_with_server({"StartContainer": _invalid},
-                          lambda ch: _call(ch, "StartContainer", agent_pb2.StartContainerRequest()))
-    assert got == (grpc.StatusCode.INVALID_ARGUMENT, "container_id: empty")
+def test_calls_are_counted_alike_on_both():
+    class Metrics:
+        def __init__(self):
+            self.seen = []
+
+        def observe_rpc(self, method, code, seconds):
+            self.seen.append((method, code))
+
+    with served(HANDLERS) as s:
+        s.agent.metrics = Metrics()
+        for proto in PROTOCOLS:
+            with AgentClient(s.addr, proto=proto) as client:
+                _outcome(client, "WaitProcess", agent_pb2.WaitProcessRequest())
+                _outcome(client, "StartContainer", agent_pb2.StartContainerRequest())
+        seen = s.agent.metrics.seen
+    assert seen == [("WaitProcess", "OK"), ("StartContainer", "INVALID_ARGUMENT")] * 2
 
 
-def test_unexpected_exception_is_internal_and_server_lives_on():
-    async def body(ch):
-        first = await _call(ch, "StartContainer", agent_pb2.StartContainerRequest())
-        second = await _call(ch, "WaitProcess", agent_pb2.WaitProcessRequest(container_id="abc"))
-        return first, second
-
-    first, second = run_with_server({"StartContainer": _crash, "WaitProcess": _echo_id}, body)
-    assert first == (grpc.StatusCode.INTERNAL, "ZeroDivisionError: boom")
-    assert second.status == 3
-
-
-def test_policy_denies_before_the_handler_runs():
-    called = []
-
-    async def start(agent, request, context):
-        called.append(request)
-        return agent_pb2.google_dot_protobuf_dot_empty__pb2.Empty()
-
-    got = run_with_server({"StartContainer": start},
-                          lambda ch: _call(ch, "StartContainer", agent_pb2.StartContainerRequest()),
-                          policy=DenyStart())
-    assert got == (grpc.StatusCode.PERMISSION_DENIED, "StartContainer: denied by rule no-start")
-    assert called == []
-
-
-def test_kata_health_check_and_version():
-    async def body(ch):
-        stub = health_pb2_grpc.HealthStub(ch)
-        return await stub.Check(health_pb2.CheckRequest()), await stub.Version(health_pb2.CheckRequest())
-
-    check, version = run_with_server({}, body)
-    assert check.status == health_pb2.HealthCheckResponse.SERVING
-    assert version.agent_version and version.grpc_version
+def test_kata_health_check_and_version_on_both():
+    with served({}) as s:
+        for proto in PROTOCOLS:
+            with AgentClient(s.addr, proto=proto) as client:
+                assert client.health() == "SERVING"
+                version = client.version()
+                assert version["agent_version"] and version["protocol_version"]
+        s.agent.stopping.set()
+        with AgentClient(s.addr) as client:
+            assert client.health() == "NOT_SERVING"
