@@ -3,7 +3,7 @@
     .venv/bin/python bench/fuzz_long.py --examples 500          # about 10 minutes on 2 cores
     .venv/bin/python bench/fuzz_long.py --examples 2000 -k CreateContainer
 
-Prints, per method and kind (message or raw bytes), how many inputs were sent and which status
+Prints, per protocol (ttrpc and gRPC), method and kind (message or raw bytes), how many inputs were sent and which status
 codes came back, then pytest's verdict. Extra arguments after the flags go to pytest.
 """
 
@@ -35,17 +35,17 @@ def main() -> int:
     total = 0
     for line in stats.read_text().splitlines():
         row = json.loads(line)
-        table[(row["method"], row["kind"])][row["code"]] += row["n"]
+        table[(row.get("proto", "grpc"), row["method"], row["kind"])][row["code"]] += row["n"]
         total += row["n"]
     stats.unlink()
-    for (method, kind), codes in sorted(table.items()):
-        print(f"{method:32} {kind:8} {sum(codes.values()):6}  " +
+    for (proto, method, kind), codes in sorted(table.items()):
+        print(f"{proto:5} {method:32} {kind:8} {sum(codes.values()):6}  " +
               " ".join(f"{c}={n}" for c, n in codes.most_common()))
     print(f"total inputs: {total}; pytest exit code {rc}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(
             {"total": total, "pytest_rc": rc,
-             "methods": {f"{m}/{k}": dict(c) for (m, k), c in sorted(table.items())}}, indent=2) + "\n")
+             "methods": {f"{p}/{m}/{k}": dict(c) for (p, m, k), c in sorted(table.items())}}, indent=2) + "\n")
     return rc
 
 

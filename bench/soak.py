@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soak.py                      # 1000 sequential, 100 concurrent, 50 clients
     .venv/bin/python bench/soak.py --sequential 50 --concurrent 10 --clients 10 --json out.json
+    .venv/bin/python bench/soak.py --proto grpc          # every client on gRPC (default ttrpc)
 
 The agent runs confined (tests/reliability/isolated.py). One lifecycle is CreateContainer,
 StartContainer, WaitProcess, ReadStdout, RemoveContainer of ``echo``. While the lifecycles run,
@@ -68,8 +69,8 @@ class Load:
     """``clients`` connections issuing health, stats and exec calls until stopped."""
 
     def __init__(self, addr: str, cid: str, clients: int, pause: float,
-                 kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec")) -> None:
-        self.addr, self.cid, self.pause, self.kinds = addr, cid, pause, kinds
+                 kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec"), proto: str = "ttrpc") -> None:
+        self.addr, self.cid, self.pause, self.kinds, self.proto = addr, cid, pause, kinds, proto
         self.stop = threading.Event()
         self.lat: dict[str, list[float]] = {"health": [], "stats": [], "exec": []}
         self.errors: list[str] = []
@@ -93,7 +94,7 @@ class Load:
 
     def _loop(self, i: int) -> None:
         rng = random.Random(i)
-        with AgentClient(self.addr, timeout=60) as c:
+        with AgentClient(self.addr, timeout=60, proto=self.proto) as c:
             while not self.stop.is_set():
                 kind = rng.choice(self.kinds)
                 start = time.perf_counter()
@@ -120,12 +121,13 @@ class Load:
 
 def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, pause: float = 0.02,
              workdir: pathlib.Path | None = None, log=print,
-             kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec")) -> dict:
+             kinds: tuple[str, ...] = ("health", "health", "stats", "stats", "exec"), proto: str = "ttrpc") -> dict:
     work = pathlib.Path(workdir or tempfile.mkdtemp(prefix="soak-"))
     agent = IsolatedAgent(work / "agent")
+    client = None
     try:
         rootfs = make_busybox_rootfs(agent.work / "rootfs")
-        client = agent.client
+        client = AgentClient(agent.addr, timeout=60, proto=proto)
         lifecycle(client, rootfs, "warm-up")
         start_state = AgentState.take(agent.pid)
         start_cgroups = agent.cgroups()
@@ -133,7 +135,7 @@ def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, p
         load_cid = "load"
         create(client, load_cid, spec(rootfs, ["sleep", "100000"]))
         client.call("StartContainer", {"container_id": load_cid})
-        load = Load(agent.addr, load_cid, clients, pause, kinds)
+        load = Load(agent.addr, load_cid, clients, pause, kinds, proto)
         load.start()
 
         t0 = time.perf_counter()
@@ -154,6 +156,7 @@ def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, p
         end_state = AgentState.take(agent.pid)
         left_cgroups = sorted(agent.cgroups() - start_cgroups)
         result = {
+            "proto": proto,
             "sequential": {"lifecycles": sequential, "seconds": round(seq_s, 2),
                            "per_second": round(sequential / seq_s, 1) if seq_s else None, **summary(seq_ms)},
             "concurrent": {"lifecycles": concurrent, "seconds": round(conc_s, 2),
@@ -167,6 +170,8 @@ def run_soak(sequential: int = 1000, concurrent: int = 100, clients: int = 50, p
         }
         return result
     finally:
+        if client is not None:
+            client.close()
         rc = agent.stop()
         if rc != 0:
             log(f"agent exited with {rc}")
@@ -180,10 +185,12 @@ def main() -> int:
     ap.add_argument("--pause", type=float, default=0.02, help="seconds each client waits between calls")
     ap.add_argument("--kinds", default="health,health,stats,stats,exec",
                     help="calls the clients choose from, with repeats as weights")
+    ap.add_argument("--proto", choices=("ttrpc", "grpc"), default="ttrpc", help="the clients' protocol")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
     result = run_soak(args.sequential, args.concurrent, args.clients, args.pause,
-                      log=lambda m: print(m, file=sys.stderr), kinds=tuple(args.kinds.split(",")))
+                      log=lambda m: print(m, file=sys.stderr), kinds=tuple(args.kinds.split(",")),
+                      proto=args.proto)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -141,20 +142,45 @@ def test_oom_kill_is_reported(clean):
     w.reusable(cid)
 
 
-def _cancelled(w, method: str, req: dict) -> None:
+def _cancelled(w, method: str, req: dict, proto: str) -> None:
     """Start ``method`` on its own connection, then drop the connection while it waits."""
     from kata_agent_client import AgentClient
 
-    other = AgentClient(w.agent.addr)
-    fut = getattr(other.agent, method).future(other.request_type(method)(**req), timeout=60)
+    other = AgentClient(w.agent.addr, proto=proto)
+    ended: list = []
+
+    def wait() -> None:
+        try:
+            other.call(method, req, timeout=60)
+            ended.append("returned")
+        except grpc.RpcError as exc:
+            ended.append(exc.code())
+
+    thread = threading.Thread(target=wait)
+    before = _cancelled_count(w, method)
+    thread.start()
     time.sleep(0.5)
-    assert not fut.done(), "the call should still be waiting"
-    fut.cancel()
+    assert not ended, "the call should still be waiting"
     other.close()
+    thread.join(10)
+    assert ended and ended[0] != "returned"
+    # the agent sees the hang-up a moment later (for gRPC through grpcio's own threads): wait
+    # until it has counted the call as cancelled, so that no handler of it is left waiting
+    deadline = time.monotonic() + 10
+    while _cancelled_count(w, method) == before:
+        assert time.monotonic() < deadline, f"{method} on a closed {proto} connection was never cancelled"
+        time.sleep(0.01)
 
 
+def _cancelled_count(w, method: str) -> float:
+    text = w.client.call("GetMetrics", {}).metrics
+    key = f'kata_agent_rpc_requests_total{{code="CANCELLED",method="{method}"}} '
+    return sum(float(line[len(key):]) for line in text.splitlines() if line.startswith(key))
+
+
+@pytest.mark.parametrize("proto", ["ttrpc", "grpc"])
 @pytest.mark.parametrize("method", ["ReadStdout", "ReadStderr", "WaitProcess"])
-def test_client_disconnects_during_long_poll(clean, method):
+def test_client_disconnects_during_long_poll(clean, method, proto):
     w = clean
     cid = "poll-" + method.lower()
     oci = spec(w.rootfs, ["sh", "-c", "read line; echo out:$line; echo err:$line >&2; exit 7"])
@@ -162,7 +188,7 @@ def test_client_disconnects_during_long_poll(clean, method):
     w.client.call("StartContainer", {"container_id": cid})
     req = {"container_id": cid} if method == "WaitProcess" else {"container_id": cid, "len": 100}
     for _ in range(3):
-        _cancelled(w, method, req)
+        _cancelled(w, method, req, proto)
     # the abandoned waits took nothing: output and status reach the next caller intact
     w.client.call("WriteStdin", agent_pb2.WriteStreamRequest(container_id=cid, data=b"x\n"))
     assert w.client.call("WaitProcess", {"container_id": cid}, timeout=20).status == 7

@@ -22,7 +22,10 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from agent.protocols import health_pb2
+from agent import ttrpc
+from agent.config import Address
+from agent.protocols import health_pb2, ttrpc_pb2
+from kata_agent_client.client import TtrpcError, dial
 from tests.reliability import protofuzz
 from tests.reliability.hostile import (FUZZABLE, MACHINE_WIDE, SERVICE, judge, request_class,
                                        response_class, scrub, timeout_for)
@@ -38,17 +41,44 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 STATS: Counter = Counter()
 
 
-class Target:
-    """The confined agent with a typed stub, a raw channel and its baseline."""
+class Conn:
+    """A connection to the agent's unix socket over ``proto``, for raw request bodies."""
 
-    def __init__(self, workdir: pathlib.Path) -> None:
+    def __init__(self, sock: pathlib.Path, proto: str) -> None:
+        self.proto = proto
+        if proto == "grpc":
+            self.channel = grpc.insecure_channel(f"unix:{sock}", options=[
+                ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
+        else:
+            self.client = ttrpc.Client(dial(Address("unix", host=str(sock))))
+
+    def call(self, service: str, method: str, data: bytes, timeout: float) -> bytes:
+        """One call with a raw body; raises grpc.RpcError (a TtrpcError on ttrpc)."""
+        if self.proto == "grpc":
+            return self.channel.unary_unary(f"/{service}/{method}")(data, timeout=timeout)
+        try:
+            return self.client.call(service, method, data, timeout=timeout)
+        except ttrpc.Status as status:
+            raise TtrpcError(status) from None
+
+    def close(self) -> None:
+        (self.channel if self.proto == "grpc" else self.client).close()
+
+    def __enter__(self) -> "Conn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Target:
+    """The confined agent, a raw connection to it over ``proto`` (gRPC or ttrpc) and its baseline."""
+
+    def __init__(self, workdir: pathlib.Path, proto: str) -> None:
         self.machine = MachineState.take()
         self.agent = IsolatedAgent(workdir)
-        self.channel = grpc.insecure_channel(f"unix:{self.agent.sock}", options=[
-            ("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)])
-        self.health_stub = self.channel.unary_unary(
-            "/grpc.Health/Check", request_serializer=health_pb2.CheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString)
+        self.proto = proto
+        self.conn = Conn(self.agent.sock, proto)
         self.health()
         self.warm_up()
         self.files = set(os.listdir(workdir))
@@ -56,8 +86,8 @@ class Target:
         self.cgroups = self.agent.cgroups()
 
     def health(self) -> None:
-        reply = self.health_stub(health_pb2.CheckRequest(), timeout=10)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reply = self.conn.call("grpc.Health", "Check", health_pb2.CheckRequest().SerializeToString(), 10)
+        assert health_pb2.HealthCheckResponse.FromString(reply).status == health_pb2.HealthCheckResponse.SERVING
 
     def warm_up(self) -> None:
         """One empty request per method: what the agent opens once on first use (a netlink
@@ -70,9 +100,8 @@ class Target:
 
     def raw(self, method: str, data: bytes):
         """Send ``data`` as the request body; (reply bytes, None) or (None, RpcError)."""
-        call = self.channel.unary_unary(f"/{SERVICE.full_name}/{method}")
         try:
-            return call(data, timeout=timeout_for(method, CALL_TIMEOUT)), None
+            return self.conn.call(SERVICE.full_name, method, data, timeout_for(method, CALL_TIMEOUT)), None
         except grpc.RpcError as err:
             return None, err
 
@@ -111,17 +140,19 @@ class Target:
         assert not problems, f"after fuzzing {method}: " + "; ".join(problems)
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    t = Target(tmp_path_factory.mktemp("fuzz"))
+@pytest.fixture(scope="module", params=["ttrpc", "grpc"])
+def target(request, tmp_path_factory):
+    t = Target(tmp_path_factory.mktemp("fuzz"), request.param)
     yield t
-    t.channel.close()
+    t.conn.close()
     rc = t.agent.stop()
     out = os.environ.get("FUZZ_STATS")
     if out:
         with open(out, "a") as f:
             for (method, what, code), n in sorted(STATS.items()):
-                f.write(json.dumps({"method": method, "kind": what, "code": code, "n": n}) + "\n")
+                f.write(json.dumps({"proto": t.proto, "method": method, "kind": what, "code": code,
+                                    "n": n}) + "\n")
+    STATS.clear()
     assert rc == 0, f"agent exited with {rc}:\n{t.agent.logs()[-4000:]}"
 
 
@@ -181,6 +212,36 @@ def test_fuzz_raw_bytes(target, method):
     target.check_back_to_baseline(method)
 
 
+def _garbage_frames(sock_path, seed: int) -> list[str]:
+    """Frames whose envelope is garbage, on a raw connection: each is answered with a status
+    (never UNKNOWN or INTERNAL), or ignored; the connection stays usable."""
+    import random
+    import socket as so
+
+    rnd = random.Random(seed)
+    codes = []
+    with so.socket(so.AF_UNIX, so.SOCK_STREAM) as s:
+        s.settimeout(CALL_TIMEOUT)
+        s.connect(str(sock_path))
+        reader = ttrpc.FrameReader()
+        for n in range(20):
+            body = rnd.randbytes(rnd.randrange(0, 64))
+            s.sendall(ttrpc.frame(2 * n + 1, ttrpc.REQUEST, body))
+        s.sendall(ttrpc.frame(41, ttrpc.REQUEST, ttrpc_pb2.Request(
+            service="grpc.Health", method="Check").SerializeToString()))
+        while True:  # every answer up to the Health.Check sent last
+            frames = list(reader.feed(s.recv(65536)))
+            done = False
+            for stream_id, kind, body in frames:
+                status = ttrpc_pb2.Response.FromString(body).status
+                codes.append(status.code)
+                assert status.code not in (2, 13), f"garbage envelope answered {status.code}: {status.message}"
+                done = done or stream_id == 41
+            if done:
+                break
+    return [str(c) for c in codes]
+
+
 def _parses(method: str, data: bytes) -> bool:
     try:
         request_class(method).FromString(data)
@@ -190,20 +251,22 @@ def _parses(method: str, data: bytes) -> bool:
 
 
 def test_many_connections_and_concurrent_garbage(target):
-    """50 channels at once, each sending a burst of garbage; then everything is released."""
+    """50 connections at once, each sending a burst of garbage bodies, and (ttrpc) garbage
+    frames and envelopes; then everything is released."""
     import concurrent.futures as cf
 
     def burst(i):
-        with grpc.insecure_channel(f"unix:{target.agent.sock}") as ch:
+        with Conn(target.agent.sock, target.proto) as conn:
             codes = []
             for j, method in enumerate(FUZZABLE[:10]):
-                call = ch.unary_unary(f"/{SERVICE.full_name}/{method}")
                 try:
-                    call(bytes([i, j]) * 7 + b"\xff", timeout=CALL_TIMEOUT)
+                    conn.call(SERVICE.full_name, method, bytes([i, j]) * 7 + b"\xff", CALL_TIMEOUT)
                     codes.append("OK")
                 except grpc.RpcError as err:
                     assert judge(method, err) is None, judge(method, err)
                     codes.append(err.code().name)
+            if target.proto == "ttrpc":
+                codes += _garbage_frames(target.agent.sock, i)
             return codes
 
     start = time.monotonic()

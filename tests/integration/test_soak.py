@@ -19,10 +19,11 @@ pytestmark = pytest.mark.timeout(240)
 RSS_SLACK_MB = 8
 
 
-def test_short_soak(tmp_path):
+@pytest.mark.parametrize("proto", ["ttrpc", "grpc"])
+def test_short_soak(tmp_path, proto):
     result = run_soak(sequential=int(os.environ.get("SOAK_SEQUENTIAL", "50")),
                       concurrent=int(os.environ.get("SOAK_CONCURRENT", "10")), clients=10,
-                      workdir=tmp_path, log=lambda m: None)
+                      workdir=tmp_path, log=lambda m: None, proto=proto)
     assert result["load"]["errors"] == 0, result["load"]["first_errors"]
     assert not result["leaks"], result["leaks"]
     start, end = result["agent"]["start"], result["agent"]["end"]

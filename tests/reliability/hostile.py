@@ -24,6 +24,8 @@ FUZZABLE = tuple(m for m in ALL_METHODS if m not in MACHINE_WIDE | OWN_AGENT)
 
 # "TypeError: ...", "KeyError: ...": an exception that escaped the handler's checks.
 _PY_EXCEPTION = re.compile(r"^[A-Z][A-Za-z]*(Error|Exception|Exit|Interrupt)\b:")
+# A call's deadline passed with no answer: grpcio's words, the ttrpc client's, the agent's ttrpc server's.
+_NO_ANSWER = re.compile(r"^Deadline Exceeded$|: no reply within |: deadline of .* exceeded$")
 # The agent tried to write outside its state root and containers (the harness made those read-only).
 _EROFS = "Read-only file system"
 
@@ -77,7 +79,7 @@ def judge(method: str, err: grpc.RpcError | None, *, undecodable_ok: bool = True
         return f"{method}: UNKNOWN status (an exception escaped): {details!r}"
     if not details.strip():
         return f"{method}: {code.name} without a message"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and _NO_ANSWER.search(details):
         return f"{method}: no answer before the client's deadline"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return f"{method}: {code.name}: {details!r} (agent gone or connection dropped)"

@@ -188,12 +188,30 @@ class MachineState:
         return out
 
 
+def _after_grpc_started(agent) -> AgentState:
+    """The agent's state once grpcio runs. The agent starts grpcio (threads, fds) on its first gRPC
+    connection and keeps it: that is not a leak of whichever test happens to speak gRPC first.
+    Returns once the warm-up connection is gone (two equal readings)."""
+    from kata_agent_client import AgentClient
+
+    with AgentClient(agent.addr, proto="grpc") as client:
+        client.health()
+    state, deadline = AgentState.take(agent.pid), time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = AgentState.take(agent.pid)
+        if (now.fds, now.threads) == (state.fds, state.threads):
+            break
+        state = now
+    return state
+
+
 class Checkpoint:
     """The agent's state (and the machine's) now; ``assert_back()`` fails on anything left over."""
 
     def __init__(self, agent, machine: MachineState) -> None:
         self.agent, self.machine = agent, machine
-        self.state = AgentState.take(agent.pid)
+        self.state = _after_grpc_started(agent)
         self.cgroups = agent.cgroups()
 
     def assert_back(self, timeout: float = 10) -> None:
