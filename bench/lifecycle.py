@@ -1,9 +1,11 @@
-"""Lifecycle latency of /bin/true: the agent over gRPC vs ``crun run`` and ``runc run``, interleaved.
+"""Lifecycle latency of /bin/true: the agent over ttrpc and gRPC vs ``crun run`` and ``runc run``, interleaved.
 
-    sudo .venv/bin/python bench/lifecycle.py [-n 50] [--concurrent 100] [--rss-rounds 1000]
+    sudo .venv/bin/python bench/lifecycle.py [-n 50] [--proto ttrpc|grpc|both] [--concurrent 100] [--rss-rounds 1000]
 
-Each round runs one agent lifecycle (Create+Start+Wait+Remove), one ``runc run`` and one
-``crun run`` of the same bundle, in turn, and reports medians (and the agent's per-RPC medians).
+Each round runs one agent lifecycle (Create+Start+Wait+Remove) per protocol, one ``runc run`` and
+one ``crun run`` of the same bundle, in turn, and reports medians (and the agent's per-RPC
+medians), and Health.Check round trips over each protocol. The sections after the first use the
+first protocol given (ttrpc with ``both``).
 Then exec latency (ExecProcess + Wait of /bin/true vs ``runc exec``); then N lifecycles started
 at once (agent, and crun for comparison): total time and p50/p99 per container; the CPU time
 of the whole machine per lifecycle, each runner's lifecycles back to back; then the agent's RSS
@@ -40,6 +42,7 @@ from google.protobuf import json_format  # noqa: E402
 from agent import linux  # noqa: E402
 from agent.protocols import agent_pb2  # noqa: E402
 from agent.protocols.oci_pb2 import Spec  # noqa: E402
+from kata_agent_client.client import AgentClient  # noqa: E402
 from kata_agent_client.spec import default_config, spec_from_config  # noqa: E402
 from tests.integration.conftest import AgentProcess, make_busybox_rootfs  # noqa: E402
 
@@ -83,14 +86,13 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-RPC_TIMES: dict[str, list[float]] = {"create": [], "start": [], "wait": [], "remove": []}
+RPC_TIMES: dict[str, dict[str, list[float]]] = {}
 
 
-def agent_lifecycle(agent: AgentProcess, oci: Spec, i: int, record: bool = False) -> None:
-    """One lifecycle over gRPC. The spec is a message already: converting config.json to protobuf
-    is the host shim's work, done once per bundle (json_format in Python takes ~1.5 ms)."""
-    cid = f"bench-{i}"
-    c = agent.client
+def agent_lifecycle(c: AgentClient, oci: Spec, i: int, record: bool = False) -> None:
+    """One lifecycle over ``c``'s protocol. The spec is a message already: converting config.json
+    to protobuf is the host shim's work, done once per bundle (json_format in Python takes ~1.5 ms)."""
+    cid = f"bench-{i}-{c.proto}"
     marks = [time.perf_counter()]
     c.call("CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=oci))
     marks.append(time.perf_counter())
@@ -102,8 +104,9 @@ def agent_lifecycle(agent: AgentProcess, oci: Spec, i: int, record: bool = False
     marks.append(time.perf_counter())
     assert status == 0, status
     if record:
-        for name, a, b in zip(RPC_TIMES, marks, marks[1:]):
-            RPC_TIMES[name].append((b - a) * 1000)
+        times = RPC_TIMES.setdefault(c.proto, {"create": [], "start": [], "wait": [], "remove": []})
+        for name, a, b in zip(times, marks, marks[1:]):
+            times[name].append((b - a) * 1000)
 
 
 def cli_run(argv: list[str], b: pathlib.Path, i: int) -> None:
@@ -111,9 +114,9 @@ def cli_run(argv: list[str], b: pathlib.Path, i: int) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def lifecycles(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]]:
+def lifecycles(clients: list[AgentClient], b: pathlib.Path, n: int) -> dict[str, list[float]]:
     oci = spec_from_config(json.loads((b / "config.json").read_text()))
-    runners = {"agent": lambda i: agent_lifecycle(agent, oci, i, record=i >= 3)}
+    runners = {f"agent/{c.proto}": (lambda i, c=c: agent_lifecycle(c, oci, i, record=i >= 3)) for c in clients}
     if shutil.which("runc"):
         runners["runc"] = lambda i: cli_run(["runc"], b, i)
     if shutil.which("crun"):
@@ -137,12 +140,12 @@ def busy_cpu_ms() -> float:
     return busy * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_lifecycle(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, tuple[float, float]]:
+def cpu_per_lifecycle(client: AgentClient, b: pathlib.Path, n: int) -> dict[str, tuple[float, float]]:
     """Each runner's lifecycles back to back, in blocks of ``n``: CPU time of the whole machine
     (client, agent, spawner, inits; or crun and its children) and wall time, per lifecycle, in ms.
     On a machine with few CPUs the total CPU work bounds the latency as much as any critical path."""
     oci = spec_from_config(json.loads((b / "config.json").read_text()))
-    runners = {"agent": lambda i: agent_lifecycle(agent, oci, i)}
+    runners = {"agent": lambda i: agent_lifecycle(client, oci, i)}
     if shutil.which("crun"):
         runners["crun"] = lambda i: cli_run(CRUN, b, i)
     if shutil.which("runc"):
@@ -160,11 +163,11 @@ def cpu_per_lifecycle(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str,
     return out
 
 
-def execs(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]]:
+def execs(client: AgentClient, b: pathlib.Path, n: int) -> dict[str, list[float]]:
     sleeper = json.loads((b / "config.json").read_text())
     sleeper["process"]["args"] = ["sleep", "1000"]
     oci = json_format.MessageToDict(spec_from_config(sleeper))
-    c = agent.client
+    c = client
     c.call("CreateContainer", {"container_id": "bench-exec", "OCI": oci})
     c.call("StartContainer", {"container_id": "bench-exec"})
     sb = b.parent / "sleeper"
@@ -191,10 +194,10 @@ def execs(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, list[float]
     return times
 
 
-def concurrent_lifecycles(agent: AgentProcess, b: pathlib.Path, n: int) -> dict[str, tuple[float, list[float]]]:
+def concurrent_lifecycles(client: AgentClient, b: pathlib.Path, n: int) -> dict[str, tuple[float, list[float]]]:
     """n lifecycles started at once: (total ms, per-container ms) for the agent and for crun."""
     oci = spec_from_config(json.loads((b / "config.json").read_text()))
-    runners = {"agent": lambda i: agent_lifecycle(agent, oci, 10_000 + i)}
+    runners = {"agent": lambda i: agent_lifecycle(client, oci, 10_000 + i)}
     if shutil.which("crun"):
         runners["crun"] = lambda i: cli_run(CRUN, b, 10_000 + i)
     out = {}
@@ -214,10 +217,20 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
 
 
+def health_round_trips(clients: list[AgentClient], n: int = 2000) -> dict[str, list[float]]:
+    """Health.Check round trips, the protocols interleaved in blocks of 100, in ms."""
+    out: dict[str, list[float]] = {c.proto: [] for c in clients}
+    for _ in range(n // 100):
+        for c in clients:
+            for _ in range(100):
+                out[c.proto].append(timed(c.health))
+    return out
+
+
 def report(title: str, times: dict[str, list[float]]) -> None:
     print(title)
     for name, values in times.items():
-        print(f"  {name:6s} median {statistics.median(values):7.2f} ms   "
+        print(f"  {name:11s} median {statistics.median(values):7.2f} ms   "
               f"p90 {sorted(values)[int(len(values) * 0.9)]:7.2f} ms   n={len(values)}")
 
 
@@ -235,6 +248,8 @@ def agent_python_pid(agent: AgentProcess) -> int:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("-n", type=int, default=50)
+    p.add_argument("--proto", choices=("ttrpc", "grpc", "both"), default="both",
+                   help="the agent's protocol(s) (default both, interleaved)")
     p.add_argument("--log-level", default="info", help="the agent's (tests run it at debug)")
     p.add_argument("--concurrent", type=int, default=100, help="lifecycles started at once (0: skip)")
     p.add_argument("--rss-rounds", type=int, default=0, help="lifecycles for the RSS growth check")
@@ -253,32 +268,42 @@ def main() -> int:
         tmp = pathlib.Path(tmp_s)
         b = bundle(tmp / "bundle", ["true"])
         agent = AgentProcess(tmp, ["--log-level", opts.log_level])
+        protos = ["ttrpc", "grpc"] if opts.proto == "both" else [opts.proto]
+        clients = [AgentClient(agent.addr, timeout=60, proto=proto) for proto in protos]
+        first = clients[0]
         try:
             pid = agent_python_pid(agent)
             idle_kb = rss_kb(pid)
-            report("lifecycle of /bin/true (create+start+wait+remove)", lifecycles(agent, b, opts.n))
-            print("  agent per RPC (median ms): " + "  ".join(
-                f"{k} {statistics.median(v):.2f}" for k, v in RPC_TIMES.items()))
+            report("lifecycle of /bin/true (create+start+wait+remove)", lifecycles(clients, b, opts.n))
+            for proto, times in RPC_TIMES.items():
+                print(f"  agent/{proto} per RPC (median ms): " + "  ".join(
+                    f"{k} {statistics.median(v):.2f}" for k, v in times.items()))
+            trips = health_round_trips(clients)
+            print("Health.Check round trip (interleaved in blocks of 100)")
+            for proto, values in trips.items():
+                print(f"  {proto:6s} p50 {pct(values, 0.5) * 1000:7.1f} us   p90 {pct(values, 0.9) * 1000:7.1f} us")
             if opts.cpu_rounds:
                 print(f"CPU time per lifecycle, all processes ({opts.cpu_rounds} back to back each)")
-                for name, (cpu, wall) in cpu_per_lifecycle(agent, b, opts.cpu_rounds).items():
+                for name, (cpu, wall) in cpu_per_lifecycle(first, b, opts.cpu_rounds).items():
                     print(f"  {name:6s} cpu {cpu:7.2f} ms   wall {wall:7.2f} ms")
             if shutil.which("runc"):
-                report("exec of /bin/true into a running container", execs(agent, b, opts.n))
+                report("exec of /bin/true into a running container", execs(first, b, opts.n))
             if opts.concurrent:
                 print(f"{opts.concurrent} lifecycles started at once")
-                for name, (total, per) in concurrent_lifecycles(agent, b, opts.concurrent).items():
+                for name, (total, per) in concurrent_lifecycles(first, b, opts.concurrent).items():
                     print(f"  {name:6s} total {total:8.1f} ms   per container p50 {pct(per, 0.5):7.1f} ms   "
                           f"p99 {pct(per, 0.99):7.1f} ms")
             if opts.rss_rounds:
                 oci = spec_from_config(json.loads((b / "config.json").read_text()))
                 before = rss_kb(pid)
                 for i in range(opts.rss_rounds):
-                    agent_lifecycle(agent, oci, 20_000 + i)
+                    agent_lifecycle(first, oci, 20_000 + i)
                 after = rss_kb(pid)
                 print(f"agent RSS: {idle_kb} kB idle at start, {before} kB before and {after} kB after "
                       f"{opts.rss_rounds} more lifecycles (growth {(after - before) / 1024:.1f} MB)")
         finally:
+            for c in clients:
+                c.close()
             agent.stop()
     return 0
 
