@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent import __version__
+from agent import __version__, identity
 from agent.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
                           Unimplemented)
 from agent.protocols import agent_pb2, csi_pb2
@@ -209,7 +209,8 @@ def check_seed(data: bytes) -> None:
 
 
 def reseed(data: bytes, device: str = RANDOM_DEV) -> None:
-    """Add ``data`` with full entropy credit to the kernel pool, then reseed the CRNG."""
+    """Add ``data`` with full entropy credit to the kernel pool, then reseed the CRNG. As the
+    guest's PID 1, also draw a new machine-id (agent.identity)."""
     check_seed(data)
     info = struct.pack("ii", len(data) * 8, len(data)) + data
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
@@ -222,6 +223,8 @@ def reseed(data: bytes, device: str = RANDOM_DEV) -> None:
                 raise
     finally:
         os.close(fd)
+    if os.getpid() == 1:  # the guest's own agent: a reseed follows a restore, where siblings share it
+        identity.write_machine_id()
 
 
 # --- swap ----------------------------------------------------------------------------------------

@@ -480,6 +480,12 @@ def pid1_setup(cmdline: dict[str, str] | None = None) -> None:
             socket.sethostname(name)
     except OSError:
         pass
+    try:
+        from agent import identity
+
+        identity.ensure_machine_id()
+    except OSError as e:
+        _log(f"machine-id: {e}")
     if "agent.debug_console" in cmdline and cmdline.get("agent.debug_console") not in ("0", "false", "off"):
         start_debug_console(cmdline)
     elif cmdline.get("agent.debug_console_vport"):

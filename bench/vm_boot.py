@@ -3,12 +3,16 @@
 one clock: where the time goes, the agent beside the bare health server (``--stub``), interleaved.
 
     python3 bench/vm_boot.py [--arch x86_64 --arch aarch64] [--runs 3] [--accel tcg]
-                             [--variant SPEC ...] [--imports] [--json out.json]
+                             [--variant SPEC ...] [--template [--virtiofs]] [--imports] [--json out.json]
 
 A variant is ``NAME[;stub][;image=DIR][;cmdline=KERNEL ARGS]``; the defaults are ``agent`` (the
 real agent as PID 1) and ``stub`` (guest-image/stub_agent.py: PID-1 set-up, then a bare grpcio
 health server). Each run boots one fresh QEMU per variant, the variants in turn (the order flips
-every run), so that a slow minute of this shared machine hits all of them alike.
+every run), so that a slow minute of this shared machine hits all of them alike. ``--template``
+adds the variant ``template``: a template of the agent's guest is made first (qemu/template.py),
+then each run starts one guest from it; its row "ready" is QEMU's start to the first answer, which
+is ReseedRandomDev followed by SetGuestDateTime (with ``--virtiofs``: and virtio-fs hot-plugged,
+q35 only).
 
 Where the times come from:
 - the kernel's log (``dmesg`` through the debug shell): the kernel's own messages and the records
@@ -28,8 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qemu.template import make_template  # noqa: E402
 from qemu.vm import Guest, image_dir  # noqa: E402
 
 KMSG_LINE = re.compile(r"^\[\s*([\d.]+)\] (.*)$")
@@ -51,7 +58,10 @@ MILESTONES = (
     "qemu start", "kernel start", "initramfs unpack starts", "initramfs unpacked",
     "kernel runs /init", "python runs /init", "agent main", "stub main", "pid1 set-up done",
     "spawner started", "spawner ready", "stub imported grpc", "serving", "health answered",
+    "template loaded", "shared RAM copied", "ready (reseeded, clock set)", "virtio-fs hot-plugged",
 )
+RESTORE_PHASES = {"shared RAM copied": "shared RAM copied", "state loaded": "template loaded",
+                  "reseeded and time set": "ready (reseeded, clock set)", "virtio-fs": "virtio-fs hot-plugged"}
 
 
 @dataclass
@@ -60,6 +70,8 @@ class Variant:
     stub: bool = False
     image: Path | None = None
     cmdline: str = ""
+    template: Path | None = None  # start from this template
+    virtiofs: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -163,10 +175,51 @@ def rss(g: Guest) -> dict[str, int]:
     return found
 
 
-def one(arch: str, v: Variant, a) -> Run:
+def guest_for(arch: str, v: Variant, a, **extra) -> Guest:
     cmdline = " ".join(x for x in ("agent.stub" if v.stub else "", v.cmdline) if x)
-    g = Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True,
-              cmdline=cmdline, image=v.image, name=f"bench-{arch}-{v.name}", boot_timeout=300)
+    return Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True,
+                 cmdline=cmdline, image=v.image, name=f"bench-{arch}-{v.name}", boot_timeout=300, **extra)
+
+
+def host_memory(g: Guest) -> dict[str, int]:
+    """QEMU's memory on the host (KiB): what it has to itself, and its proportional share."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{g.pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Pss", "Private_Clean", "Private_Dirty", "Rss"):
+                    out[key] = int(rest.split()[0])
+    except (OSError, TypeError, ValueError):
+        return {}
+    return {"qemu_private": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0),
+            "qemu_pss": out.get("Pss", 0)}
+
+
+def one_restore(arch: str, v: Variant, a) -> Run:
+    g = guest_for(arch, v, a, template=v.template, virtiofs=v.virtiofs)
+    try:
+        g.start()
+        run = Run(seconds=round(g.boot_seconds, 3))
+        # 0 is the call to start(): a shared RAM copy, when there is one, comes before QEMU's start
+        run.events["qemu start"] = g.phases.get("qemu started", 0.0)
+        for phase, event in RESTORE_PHASES.items():
+            if phase in g.phases:
+                run.events[event] = g.phases[phase]
+        try:
+            run.rss_kib = rss(g)
+        except Exception:  # noqa: BLE001 - RSS is a bonus
+            pass
+        run.rss_kib.update(host_memory(g))
+        return run
+    finally:
+        g.cleanup()
+
+
+def one(arch: str, v: Variant, a) -> Run:
+    if v.template is not None:
+        return one_restore(arch, v, a)
+    g = guest_for(arch, v, a)
     try:
         g.start()
         run = Run(seconds=round(g.boot_seconds, 3))
@@ -202,6 +255,7 @@ def one(arch: str, v: Variant, a) -> Run:
             run.rss_kib = rss(g)
         except Exception:  # noqa: BLE001 - RSS is a bonus
             pass
+        run.rss_kib.update(host_memory(g))
         run.console_errors = [l for l in console.splitlines() if "Traceback" in l or '"level": "error"' in l]
         return run
     finally:
@@ -227,13 +281,14 @@ def milestone_table(arch: str, results: dict[str, list[Run]]) -> str:
             cells.append(spread(vals) if vals else "-")
         if any(c != "-" for c in cells):
             rows.append(f"  {ms:24s}" + "".join(f"{c:>22s}" for c in cells))
-    for key in ("pid1", "spawner"):
+    for key, label in (("pid1", "guest RSS MB, PID 1"), ("spawner", "guest RSS MB, spawner"),
+                       ("qemu_private", "host MB, QEMU private"), ("qemu_pss", "host MB, QEMU PSS")):
         cells = []
         for n in names:
             vals = [r.rss_kib[key] / 1024 for r in results[n] if key in r.rss_kib]
             cells.append(spread(vals) if vals else "-")
         if any(c != "-" for c in cells):
-            rows.append(f"  {'RSS MB ' + key:24s}" + "".join(f"{c:>22s}" for c in cells))
+            rows.append(f"  {label:24s}" + "".join(f"{c:>22s}" for c in cells))
     rtts = [r.sync_rtt * 1000 for rs in results.values() for r in rs if r.sync_rtt is not None]
     if rtts:
         rows.append(f"  (host/guest clock placed to within {max(rtts) / 2:.1f} ms)")
@@ -273,12 +328,22 @@ def main() -> int:
     p.add_argument("--variant", action="append", type=Variant.parse,
                    help="NAME[;stub][;image=DIR][;cmdline=ARGS] (default: agent and stub)")
     p.add_argument("--stub", action="store_true", help="only the stub (same as --variant stub)")
+    p.add_argument("--template", action="store_true", help="also start guests from a template of the agent's")
+    p.add_argument("--virtiofs", action="store_true", help="with --template: hot-plug virtio-fs (q35)")
     p.add_argument("--imports", action="store_true", help="print the import tree of each variant")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     variants = a.variant or ([Variant("stub", stub=True)] if a.stub else [Variant("agent"), Variant("stub", stub=True)])
     report: dict = {}
     for arch in a.arch or ["x86_64", "aarch64"]:
+        tdir = None
+        if a.template:
+            tdir = Path(tempfile.mkdtemp(prefix="kata-bench-template-", dir="/dev/shm"))
+            tpl = make_template(guest_for(arch, Variant("template"), a), tdir / "t")
+            print(f"  {arch} template made: boot {tpl.manifest()['boot_seconds']:.2f} s, state "
+                  f"{tpl.manifest()['state_bytes']} bytes", file=sys.stderr, flush=True)
+            variants = [v for v in variants if v.template is None] + [
+                Variant("template", template=tpl.dir, virtiofs=a.virtiofs)]
         results: dict[str, list[Run]] = {v.name: [] for v in variants}
         for i in range(a.runs):
             for v in (variants if i % 2 == 0 else variants[::-1]):
@@ -296,6 +361,8 @@ def main() -> int:
                 print(import_tree(name, runs))
         print(flush=True)
         report[arch] = {n: [r.__dict__ for r in runs] for n, runs in results.items()}
+        if tdir is not None:
+            shutil.rmtree(tdir, ignore_errors=True)
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -5,6 +5,14 @@
                          [--share DIR] [--debug-console] [--foreground] [--timeout S]
     python3 qemu/boot.py --stop          # stop the guest named in the address file
     python3 qemu/boot.py --status        # print the address file
+    python3 qemu/boot.py --template      # make the template that later boots start from
+    python3 qemu/boot.py --cold          # boot from scratch even when a template is there
+
+A template (qemu/template.py) is one guest booted to "agent ready" and saved: its RAM in a file on
+tmpfs and its device state (default $KATA_TEMPLATE_DIR or /dev/shm/kata-agent-py/templates/
+ARCH-MACHINE). A boot with the same settings then starts from it in well under a second; with
+other settings, or another image or QEMU, it boots from scratch and says why. --share/virtio-fs
+with a template needs --machine q35 (the device is hot-plugged after the restore).
 
 By default the guest keeps running in the background and its address file (JSON: addr, pid, qmp,
 shared_dir, console_log, ...) is written to $XDG_RUNTIME_DIR/kata-agent-py/guest.json or
@@ -23,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qemu.template import Template, TemplateError, default_template_dir, make_template  # noqa: E402
 from qemu.vm import BootError, Guest, default_addr_file, host_arch, stop_from_addr_file  # noqa: E402
 
 
@@ -44,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreground", action="store_true", help="wait for the guest; Ctrl-C stops it")
     p.add_argument("--stop", action="store_true", help="stop the guest of the address file")
     p.add_argument("--status", action="store_true", help="print the address file")
+    p.add_argument("--template", action="store_true", help="make the template for these settings, then exit")
+    p.add_argument("--template-dir", type=Path, default=None, help="where the template lives")
+    p.add_argument("--cold", action="store_true", help="do not start from a template")
     a = p.parse_args(argv)
 
     if a.stop:
@@ -66,18 +78,43 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             pass
 
-    g = Guest(arch=a.arch, accel=a.accel, machine=a.machine, cpu=a.cpu, memory=a.memory, smp=a.smp,
-              image=a.image, share_dir=a.share, virtiofs=False if a.no_virtiofs else None,
-              debug_console=a.debug_console, cmdline=a.cmdline, boot_timeout=a.timeout,
-              addr_file=a.addr_file)
+    def guest(**extra) -> Guest:
+        return Guest(arch=a.arch, accel=a.accel, machine=a.machine, cpu=a.cpu, memory=a.memory, smp=a.smp,
+                     image=a.image, share_dir=a.share, debug_console=a.debug_console, cmdline=a.cmdline,
+                     boot_timeout=a.timeout, **extra)
+
+    tdir = a.template_dir or default_template_dir(a.arch, a.machine)
+    if a.template:
+        try:
+            tpl = make_template(guest(name="template"), tdir)
+        except (BootError, TemplateError) as e:
+            print(f"template failed: {e}", file=sys.stderr)
+            return 1
+        m = tpl.manifest()
+        print(f"template {tdir}: booted in {m['boot_seconds']:.2f}s, device state {m['state_bytes']} bytes, "
+              f"RAM {m['memory_resident_bytes'] / 1e6:.0f} MB in {tpl.memory}", file=sys.stderr)
+        return 0
+    virtiofs = False if a.no_virtiofs else None
+    template = None
+    if not a.cold and Template(tdir).exists():
+        probe = guest(virtiofs=virtiofs)
+        try:
+            Template(tdir).check(probe, Template(tdir).manifest().get("accel", ""))
+            template = tdir
+            virtiofs = True if a.share and not a.no_virtiofs else False
+        except (BootError, TemplateError) as e:
+            print(f"not starting from the template: {e}", file=sys.stderr)
+    g = guest(virtiofs=virtiofs, template=template, addr_file=a.addr_file)
     try:
         g.start()
     except BootError as e:
         print(f"boot failed: {e}", file=sys.stderr)
         return 1
     info = g.info()
-    print(f"agent ready at {g.addr} after {g.boot_seconds:.2f}s ({a.arch}, {g.used_accel}); "
-          f"console {info['console_log']}; qmp {info['qmp']}; shared {info['shared_dir']}", file=sys.stderr)
+    how = f"restored from {template}" if g.restored else "booted"
+    print(f"agent ready at {g.addr} after {g.boot_seconds:.2f}s ({how}, {a.arch}, {g.used_accel}); "
+          f"console {info['console_log']}; qmp {info['qmp']}; "
+          f"shared {info['shared_dir'] if info['share_tag'] else 'none'}", file=sys.stderr)
     print(g.addr, flush=True)
     if not a.foreground:
         return 0

@@ -15,6 +15,10 @@ Networking is QEMU user mode with restrict=on: the guest reaches nothing; the ag
 is forwarded to 127.0.0.1:<free port>. A host directory is shared over virtio-fs (tag
 "kataShared") when /usr/lib/qemu/virtiofsd exists. vhost-vsock-pci is added when /dev/vhost-vsock
 exists. Every process started here is tracked by pid and killed by pid.
+
+``Guest(template=DIR)`` starts from a template (qemu/template.py: one guest saved at "agent ready")
+instead of booting: its device state is loaded and its RAM mapped copy-on-write; the first RPC is
+ReseedRandomDev, then SetGuestDateTime. ``phases`` says where that time went.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qemu.template import FS_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_ROOT = Path(os.environ.get("KATA_GUEST_OUT", REPO / "guest-image" / "out"))
@@ -151,6 +158,9 @@ class Guest:
     debug_console: bool = False
     cmdline: str = ""                   # extra kernel command line
     extra_args: list[str] = field(default_factory=list)  # extra QEMU arguments (e.g. root ports)
+    template: Path | None = None        # start from this template (qemu.template) instead of booting
+    probe: str = ""                     # readiness probe: ttrpc | grpc (default: grpc for the stub)
+    memory_path: Path | None = None     # RAM in this file, mapped shared (how a template is made)
     run_dir: Path | None = None
     addr_file: Path | None = None       # write the address file here (the CLI's well-known one)
     boot_timeout: float = 120.0
@@ -161,6 +171,8 @@ class Guest:
     port: int = 0
     used_accel: str = ""
     boot_seconds: float = 0.0
+    restored: bool = False              # started from a template ...
+    phases: dict[str, float] = field(default_factory=dict)  # ... its steps, seconds since start()
     launched_at: float = 0.0            # time.monotonic() when QEMU was started ...
     ready_at: float = 0.0               # ... and when the agent first answered
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -195,6 +207,15 @@ class Guest:
         return self.run_dir / "virtiofsd.sock"
 
     @property
+    def probe_proto(self) -> str:
+        """How the readiness probe asks: ttrpc, or gRPC for the stub (it has no ttrpc)."""
+        return self.probe or ("grpc" if "agent.stub" in self.cmdline else "ttrpc")
+
+    @property
+    def _templated(self) -> bool:
+        return self.template is not None or self.memory_path is not None
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
@@ -206,7 +227,24 @@ class Guest:
         return json.loads(p.read_text())
 
     # ------------------------------------------------------------------ command line
-    def _qemu_argv(self, accel: str, mem_backend: bool) -> list[str]:
+    @property
+    def machine_type(self) -> str:
+        return self.machine or ("microvm" if self.arch == "x86_64" else "virt")
+
+    @property
+    def memory_size(self) -> str:
+        return self.memory or ("512M" if self.arch == "x86_64" else "1G")
+
+    @property
+    def vcpus(self) -> int:
+        return self.smp or (1 if self.arch == "x86_64" else 2)
+
+    def cpu_model(self, accel: str) -> str:
+        return self.cpu or ("host" if accel == "kvm" else ("max" if self.arch == "x86_64" else "cortex-a72"))
+
+    def _qemu_argv(self, accel: str, memory_object: str = "", virtiofs: bool = False) -> list[str]:
+        """QEMU's command line. ``memory_object``: a memory backend ``-object`` (id "mem") for the
+        RAM instead of anonymous memory; ``virtiofs``: a vhost-user-fs device (needs shared RAM)."""
         m = self.manifest()
         qemu = qemu_binary(self.arch)
         if not qemu:
@@ -214,16 +252,12 @@ class Guest:
         kernel = m["kernel"]["path"]
         initrd = m["initrd"]["path"]
         console = m.get("console", "ttyS0")
-        memory = self.memory or ("512M" if self.arch == "x86_64" else "1G")
-        smp = self.smp or (1 if self.arch == "x86_64" else 2)
-        machine = self.machine or ("microvm" if self.arch == "x86_64" else "virt")
+        memory, smp, machine = self.memory_size, self.vcpus, self.machine_type
         mmio = machine == "microvm"
         dev = (lambda d: f"{d}-device") if mmio else (lambda d: f"{d}-pci")
         append = [f"console={console}", "reboot=t" if self.arch == "x86_64" else "", "panic=-1",
                   "loglevel=4", "agent.log=info"]
         if self.arch == "x86_64":
-            if mmio and m["kernel"]["path"].endswith("vmlinuz"):
-                pass
             khz = host_tsc_khz()
             if khz and accel == "tcg":
                 append += [f"tsc_early_khz={khz}", "tsc=reliable"]
@@ -238,7 +272,7 @@ class Guest:
             mach += ",x-option-roms=off,isa-serial=on,rtc=on,pit=off,pic=off,acpi=on"
         if self.arch == "aarch64":
             mach += ",gic-version=3" if self.cpu in ("max",) else ""
-        if mem_backend:
+        if memory_object:
             mach += ",memory-backend=mem"
         argv = [qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
                 "-machine", mach, "-accel", accel, "-m", memory,
@@ -252,18 +286,20 @@ class Guest:
                 "-pidfile", str(self.run_dir / "qemu.pid")]
         if mmio:  # virtio-mmio defaults to legacy (v1), which vhost-user (virtiofsd) refuses
             argv += ["-global", "virtio-mmio.force-legacy=false"]
-        cpu = self.cpu or ("host" if accel == "kvm" else ("max" if self.arch == "x86_64" else "cortex-a72"))
-        argv += ["-cpu", cpu]
-        if mem_backend:
-            argv += ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-                     "-chardev", f"socket,id=vfs,path={self.virtiofs_socket}",
+        argv += ["-cpu", self.cpu_model(accel)]
+        if memory_object:
+            argv += ["-object", memory_object]
+        if virtiofs:
+            argv += ["-chardev", f"socket,id=vfs,path={self.virtiofs_socket}",
                      "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={SHARE_TAG},queue-size=1024"]
         if self.debug_console:
             argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
                      "-device", dev("virtio-serial"), "-device", "virtconsole,chardev=shell"]
+        if self._templated and machine == "q35":  # a free slot for virtio-fs after a restore
+            argv += ["-device", f"pcie-root-port,id={FS_PORT},bus=pcie.0,chassis=30,addr=0x1e"]
         argv += list(self.extra_args)
         if os.path.exists("/dev/vhost-vsock") and not mmio:
-            argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + os.getpid() % 100000}"]
+            argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + self.port}"]
         return argv
 
     # ------------------------------------------------------------------ lifecycle
@@ -293,27 +329,117 @@ class Guest:
         self.addr = f"tcp://127.0.0.1:{self.port}"
         for p in (self.qmp_socket, self.console_log, self.virtiofs_socket, self.shell_socket):
             p.unlink(missing_ok=True)
-        use_fs = self.virtiofs if self.virtiofs is not None else bool(find_virtiofsd())
-        mem_backend = bool(use_fs) and self._start_virtiofsd()
-        argv = self._qemu_argv(accel, mem_backend)
+        if self.template is not None:
+            return self._restore_once(accel, timeout)
+        memory = ""
+        virtiofs = False
+        if self.memory_path is not None:  # a template in the making: its RAM in a file
+            Path(self.memory_path).unlink(missing_ok=True)  # nothing left from an earlier attempt
+            memory = (f"memory-backend-file,id=mem,size={self.memory_size},"
+                      f"mem-path={self.memory_path},share=on")
+        elif self.virtiofs is not False and (self.virtiofs or find_virtiofsd()):
+            virtiofs = self._start_virtiofsd()
+            if virtiofs:  # vhost-user maps the guest's RAM: it must be shared
+                memory = f"memory-backend-memfd,id=mem,size={self.memory_size},share=on"
+        argv = self._qemu_argv(accel, memory, virtiofs)
+        return self._launch(argv, accel, timeout)
+
+    def _launch(self, argv: list[str], accel: str, timeout: float, pass_fds: tuple[int, ...] = (),
+                after: Callable[[], None] | None = None, probe: Callable[[str], bool] | None = None) -> bool:
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         qlog = open(self.run_dir / "qemu.log", "wb")
         t0 = self.launched_at = time.monotonic()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, pass_fds=pass_fds,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         qlog.close()
+        if after is not None:
+            after()
         deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 break
-            if health_check(self.addr, timeout=1.0, proto="grpc" if "agent.stub" in self.cmdline else "ttrpc"):
+            if (probe or (lambda addr: health_check(addr, timeout=1.0, proto=self.probe_proto)))(self.addr):
                 self.ready_at = time.monotonic()
                 self.boot_seconds = self.ready_at - t0
                 self.used_accel = accel
                 return True
-            time.sleep(0.05)
+            time.sleep(0.02 if self.template is not None else 0.05)
         self._kill_all()
         return False
+
+    def _restore_once(self, accel: str, timeout: float) -> bool:
+        """Start from the template: its device state, its RAM mapped private (or copied into
+        shared memory when virtio-fs is wanted), then a fresh identity and the hot-plugs."""
+        from qemu import template as tpl_mod
+
+        tpl = tpl_mod.Template(Path(self.template))
+        try:
+            tpl.check(self, accel)
+        except tpl_mod.TemplateError as exc:
+            raise BootError(str(exc)) from None
+        want_fs = self.virtiofs is True
+        self.phases = {}
+        begin = time.monotonic()
+        mark = lambda name: self.phases.__setitem__(name, round(time.monotonic() - begin, 4))  # noqa: E731
+        if want_fs and self.machine_type not in tpl_mod.HOTPLUG_MACHINES:
+            raise BootError(f"virtio-fs after a restore is hot-plugged, and {self.machine_type} cannot "
+                            f"hot-plug: use q35, or a template-less boot")
+        fds: tuple[int, ...] = ()
+        if want_fs:
+            fd = tpl_mod.shared_copy(tpl)
+            mark("shared RAM copied")
+            fds = (fd,)
+            memory = f"memory-backend-file,id=mem,size={self.memory_size},mem-path=/dev/fd/{fd},share=on"
+        else:
+            memory = f"memory-backend-file,id=mem,size={self.memory_size},mem-path={tpl.memory},share=off"
+        argv = self._qemu_argv(accel, memory) + tpl_mod.incoming_args()
+
+        def load() -> None:
+            mark("qemu started")
+            tpl_mod.load_state(self, tpl)
+            mark("state loaded")
+
+        try:  # the first answer is to ReseedRandomDev: no other call reaches the guest before it
+            ok = self._launch(argv, accel, timeout, pass_fds=fds, after=load, probe=tpl_mod.refresh_identity)
+        except tpl_mod.TemplateError as exc:
+            self._kill_all()
+            raise BootError(f"{exc}; qemu: {self._qemu_log_tail()}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not ok:
+            return False
+        self.restored = True
+        mark("reseeded and time set")
+        try:
+            if want_fs:
+                self._hotplug_virtiofs()
+                mark("virtio-fs")
+        except Exception as exc:  # noqa: BLE001 - any failure here leaves a guest not to hand out
+            self._kill_all()
+            raise BootError(f"restored guest: {exc}") from exc
+        self.boot_seconds = time.monotonic() - begin
+        return True
+
+    def _hotplug_virtiofs(self, timeout: float = 20.0) -> None:
+        """virtiofsd, then a vhost-user-fs device on the template's free PCI slot; returns once the
+        guest's driver has taken the device (QEMU reports DRIVER_OK)."""
+        from qemu.template import FS_PORT
+
+        if not self._start_virtiofsd():
+            raise BootError("virtiofsd did not start")
+        self.qmp("chardev-add", id="vfs", backend={"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": str(self.virtiofs_socket)}}, "server": False}})
+        bus = FS_PORT if self.machine_type == "q35" else "pci.0"
+        self.qmp("device_add", driver="vhost-user-fs-pci", id="vfs0", chardev="vfs", tag=SHARE_TAG,
+                 bus=bus, **{"queue-size": 1024})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.qmp("x-query-virtio-status", path="/machine/peripheral/vfs0/virtio-backend")
+            if "DRIVER_OK" in json.dumps(st.get("status", {})):
+                return
+            time.sleep(0.02)
+        raise BootError("the guest did not take the hot-plugged virtio-fs device")
 
     def start(self) -> "Guest":
         if self.proc and self.proc.poll() is None:
@@ -330,21 +456,35 @@ class Guest:
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"accel must be auto, kvm or tcg, not {self.accel!r}")
         attempts: list[tuple[str, float]] = []
-        if self.accel in ("auto", "kvm") and kvm_usable(self.arch):
+        if self.template is not None:  # the accelerator the template was made with, only
+            from qemu.template import Template, TemplateError
+
+            try:
+                made_with = Template(Path(self.template)).manifest().get("accel", "")
+            except TemplateError as exc:
+                raise BootError(str(exc)) from None
+            if self.accel not in ("auto", made_with):
+                raise BootError(f"the template was made under {made_with}, not {self.accel}")
+            attempts.append((made_with, self.boot_timeout))
+        elif self.accel in ("auto", "kvm") and kvm_usable(self.arch):
             attempts.append(("kvm", self.kvm_timeout if self.accel == "auto" else self.boot_timeout))
         elif self.accel == "kvm":
             raise BootError("--accel kvm: /dev/kvm is not usable for this arch")
-        if self.accel in ("auto", "tcg"):
+        if self.accel in ("auto", "tcg") and self.template is None:
             attempts.append(("tcg", self.boot_timeout))
         for accel, timeout in attempts:
             if self._boot_once(accel, timeout):
                 if self.addr_file:
                     self.write_addr_file(Path(self.addr_file))
                 return self
-        tail = self.console_tail()
-        qlog = (self.run_dir / "qemu.log").read_text(errors="replace")[-2000:] if (self.run_dir / "qemu.log").exists() else ""
         raise BootError(f"guest did not answer Health.Check ({', '.join(a for a, _ in attempts)}); "
-                        f"qemu: {qlog.strip()}\nconsole tail:\n{tail}")
+                        f"qemu: {self._qemu_log_tail()}\nconsole tail:\n{self.console_tail()}")
+
+    def _qemu_log_tail(self) -> str:
+        try:
+            return (self.run_dir / "qemu.log").read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return ""
 
     def console_tail(self, n: int = 40) -> str:
         try:
@@ -357,7 +497,8 @@ class Guest:
                 "shared_dir": str(self.share_dir), "share_tag": SHARE_TAG if self.virtiofsd_proc else None,
                 "console_log": str(self.console_log), "arch": self.arch, "accel": self.used_accel,
                 "virtiofsd_pid": self.virtiofsd_proc.pid if self.virtiofsd_proc else None,
-                "run_dir": str(self.run_dir), "boot_seconds": round(self.boot_seconds, 3)}
+                "run_dir": str(self.run_dir), "boot_seconds": round(self.boot_seconds, 3),
+                "restored": self.restored}
 
     def write_addr_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,11 @@ def test_boot_timeline_in_kernel_log(guest):
     assert any(" import agent." in line and " s=" in line for line in imports), out
 
 
+def test_machine_id_written_at_boot(guest):
+    rc, out = guest.shell("cat /etc/machine-id")
+    assert rc == 0 and len(out.split()[-1]) == 32 and int(out.split()[-1], 16) >= 0, out
+
+
 def test_qmp(guest):
     assert guest.qmp("query-status")["status"] == "running"
 
