@@ -5,9 +5,10 @@ one clock: where the time goes, the agent beside the bare health server (``--stu
     python3 bench/vm_boot.py [--arch x86_64 --arch aarch64] [--runs 3] [--accel tcg]
                              [--variant SPEC ...] [--template [--virtiofs]] [--imports] [--json out.json]
 
-A variant is ``NAME[;stub][;image=DIR][;cmdline=KERNEL ARGS]``; the defaults are ``agent`` (the
-real agent as PID 1) and ``stub`` (guest-image/stub_agent.py: PID-1 set-up, then a bare grpcio
-health server). Each run boots one fresh QEMU per variant, the variants in turn (the order flips
+A variant is ``NAME[;stub][;image=DIR][;cmdline=KERNEL ARGS][;probe=ttrpc|grpc]``; the defaults
+are ``agent`` (the real agent as PID 1, asked over ttrpc as a Kata shim would), ``agent-grpc``
+(the same, asked over gRPC: its first gRPC connection makes the agent import grpcio) and ``stub``
+(guest-image/stub_agent.py: PID-1 set-up, then a bare grpcio health server). Each run boots one fresh QEMU per variant, the variants in turn (the order flips
 every run), so that a slow minute of this shared machine hits all of them alike. ``--template``
 adds the variant ``template``: a template of the agent's guest is made first (qemu/template.py),
 then each run starts one guest from it; its row "ready" is QEMU's start to the first answer, which
@@ -57,7 +58,7 @@ KERNEL_EVENTS = {  # dmesg text -> milestone
 MILESTONES = (
     "qemu start", "kernel start", "initramfs unpack starts", "initramfs unpacked",
     "kernel runs /init", "python runs /init", "agent main", "stub main", "pid1 set-up done",
-    "spawner started", "spawner ready", "stub imported grpc", "serving", "health answered",
+    "spawner started", "spawner ready", "stub imported grpc", "serving", "gRPC started", "health answered",
     "template loaded", "shared RAM copied", "ready (reseeded, clock set)", "virtio-fs hot-plugged",
 )
 RESTORE_PHASES = {"shared RAM copied": "shared RAM copied", "state loaded": "template loaded",
@@ -72,6 +73,7 @@ class Variant:
     cmdline: str = ""
     template: Path | None = None  # start from this template
     virtiofs: bool = False
+    probe: str = ""  # the first Health.Check over ttrpc or grpc (default: grpc for the stub only)
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -85,6 +87,8 @@ class Variant:
                 v.image = Path(value)
             elif key == "cmdline":
                 v.cmdline = value
+            elif key == "probe" and value in ("ttrpc", "grpc"):
+                v.probe = value
             else:
                 raise SystemExit(f"--variant {spec!r}: unknown part {part!r}")
         return v
@@ -132,10 +136,10 @@ def mono_to_printk(records: list[dict]) -> float:
     return min(lags) if lags else 0.0
 
 
-def serving_wall(console: str) -> float | None:
-    """Wall time of the agent's "agent serving" line on the console."""
+def serving_wall(console: str, msg: str = "agent serving") -> float | None:
+    """Wall time of the agent's first log line ``msg`` on the console."""
     for line in console.splitlines():
-        if '"agent serving"' not in line or not line.startswith("{"):
+        if f'"{msg}"' not in line or not line.startswith("{"):
             continue
         try:
             t = json.loads(line)["time"]
@@ -177,7 +181,7 @@ def rss(g: Guest) -> dict[str, int]:
 
 def guest_for(arch: str, v: Variant, a, **extra) -> Guest:
     cmdline = " ".join(x for x in ("agent.stub" if v.stub else "", v.cmdline) if x)
-    return Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True,
+    return Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True, probe=v.probe,
                  cmdline=cmdline, image=v.image, name=f"bench-{arch}-{v.name}", boot_timeout=300, **extra)
 
 
@@ -244,10 +248,11 @@ def one(arch: str, v: Variant, a) -> Run:
         if "pid1-setup" in marks:
             r = marks["pid1-setup"]
             ev["pid1 set-up done"] = since(r["mono"] + float(r.get("s", 0)) + lag)
-        wall = serving_wall(console)
-        if wall is not None and "init-start" in marks and "wall" in marks["init-start"]:
-            r = marks["init-start"]
-            ev["serving"] = since(r["mono"] + wall - float(r["wall"]) + lag)
+        for msg, event in (("agent serving", "serving"), ("gRPC started", "gRPC started")):
+            wall = serving_wall(console, msg)
+            if wall is not None and "init-start" in marks and "wall" in marks["init-start"]:
+                r = marks["init-start"]
+                ev[event] = since(r["mono"] + wall - float(r["wall"]) + lag)
         ev["health answered"] = round(g.ready_at - g.launched_at, 4)
         run.imports = [{"name": r["name"], "start": since(r["mono"] + lag), "s": float(r["s"]),
                         "in": r.get("in", "-")} for r in records if r["kind"] == "import"]
@@ -273,14 +278,14 @@ def spread(values: list[float]) -> str:
 def milestone_table(arch: str, results: dict[str, list[Run]]) -> str:
     names = list(results)
     rows = [f"{arch}: seconds since QEMU start, median [min-max] of {max(len(r) for r in results.values())}",
-            f"  {'milestone':24s}" + "".join(f"{n:>22s}" for n in names)]
+            f"  {'milestone':24s}" + "".join(f"{n:>24s}" for n in names)]
     for ms in MILESTONES:
         cells = []
         for n in names:
             vals = [r.events[ms] for r in results[n] if ms in r.events]
             cells.append(spread(vals) if vals else "-")
         if any(c != "-" for c in cells):
-            rows.append(f"  {ms:24s}" + "".join(f"{c:>22s}" for c in cells))
+            rows.append(f"  {ms:24s}" + "".join(f"{c:>24s}" for c in cells))
     for key, label in (("pid1", "guest RSS MB, PID 1"), ("spawner", "guest RSS MB, spawner"),
                        ("qemu_private", "host MB, QEMU private"), ("qemu_pss", "host MB, QEMU PSS")):
         cells = []
@@ -288,7 +293,7 @@ def milestone_table(arch: str, results: dict[str, list[Run]]) -> str:
             vals = [r.rss_kib[key] / 1024 for r in results[n] if key in r.rss_kib]
             cells.append(spread(vals) if vals else "-")
         if any(c != "-" for c in cells):
-            rows.append(f"  {label:24s}" + "".join(f"{c:>22s}" for c in cells))
+            rows.append(f"  {label:24s}" + "".join(f"{c:>24s}" for c in cells))
     rtts = [r.sync_rtt * 1000 for rs in results.values() for r in rs if r.sync_rtt is not None]
     if rtts:
         rows.append(f"  (host/guest clock placed to within {max(rtts) / 2:.1f} ms)")
@@ -326,14 +331,15 @@ def main() -> int:
     p.add_argument("--machine", default=None)
     p.add_argument("--cpu", default=None)
     p.add_argument("--variant", action="append", type=Variant.parse,
-                   help="NAME[;stub][;image=DIR][;cmdline=ARGS] (default: agent and stub)")
+                   help="NAME[;stub][;image=DIR][;cmdline=ARGS][;probe=ttrpc|grpc] (default: agent, agent-grpc, stub)")
     p.add_argument("--stub", action="store_true", help="only the stub (same as --variant stub)")
     p.add_argument("--template", action="store_true", help="also start guests from a template of the agent's")
     p.add_argument("--virtiofs", action="store_true", help="with --template: hot-plug virtio-fs (q35)")
     p.add_argument("--imports", action="store_true", help="print the import tree of each variant")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    variants = a.variant or ([Variant("stub", stub=True)] if a.stub else [Variant("agent"), Variant("stub", stub=True)])
+    variants = a.variant or ([Variant("stub", stub=True)] if a.stub else [
+        Variant("agent"), Variant("agent-grpc", probe="grpc"), Variant("stub", stub=True)])
     report: dict = {}
     for arch in a.arch or ["x86_64", "aarch64"]:
         tdir = None
