@@ -13,18 +13,12 @@ import os
 import sys
 
 from agent import config as config_mod
+from agent import linux
 from agent import log as log_mod
-
-PR_SET_CHILD_SUBREAPER = 36
 
 
 def _become_subreaper() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

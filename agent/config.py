@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from agent import linux
+
 DEFAULT_SERVER_ADDR = "vsock://-1:1024"
 DEFAULT_HOTPLUG_TIMEOUT = 3.0
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
@@ -82,22 +84,13 @@ def parse_address(addr: str) -> Address:
     raise ConfigError(f"{addr!r}: unknown scheme {scheme!r} (vsock, tcp or unix)")
 
 
-def parse_cmdline(text: str) -> dict[str, str]:
-    """The ``agent.*`` keys of a kernel command line, without the prefix. Bare keys map to ``""``."""
-    out: dict[str, str] = {}
-    for word in text.split():
-        key, _, value = word.partition("=")
-        if key.startswith("agent."):
-            out[key[len("agent.") :]] = value
-    return out
+def agent_keys(cmdline: dict[str, str]) -> dict[str, str]:
+    """The ``agent.*`` keys of a parsed kernel command line, without the prefix."""
+    return {key[len("agent."):]: value for key, value in cmdline.items() if key.startswith("agent.")}
 
 
 def read_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
-    try:
-        with open(path) as f:
-            return parse_cmdline(f.read())
-    except OSError:
-        return {}
+    return agent_keys(linux.read_cmdline(path))
 
 
 @dataclass

@@ -7,7 +7,6 @@ a thread so that the event loop keeps serving.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import fcntl
 import glob
@@ -16,9 +15,8 @@ import stat
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from agent import __version__, identity
+from agent import __version__, identity, linux
 from agent.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
                           Unimplemented)
 from agent.protocols import agent_pb2, csi_pb2
@@ -30,9 +28,6 @@ MEMORY = "devices/system/memory"
 CPU = "devices/system/cpu"
 ONLINE_RETRIES = 50
 ONLINE_INTERVAL = 0.1
-# ioctls on /dev/random (linux/random.h): _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
-RNDADDENTROPY = 0x40085203
-RNDRESEEDCRNG = 0x5207
 RANDOM_DEV = "/dev/random"
 MAX_SEED = 64 << 10
 USEC = 1_000_000
@@ -215,9 +210,9 @@ def reseed(data: bytes, device: str = RANDOM_DEV) -> None:
     info = struct.pack("ii", len(data) * 8, len(data)) + data
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, RNDADDENTROPY, info)
+        fcntl.ioctl(fd, linux.RNDADDENTROPY, info)
         try:
-            fcntl.ioctl(fd, RNDRESEEDCRNG)
+            fcntl.ioctl(fd, linux.RNDRESEEDCRNG)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # kernels before 4.17 have no RNDRESEEDCRNG
                 raise
@@ -229,17 +224,15 @@ def reseed(data: bytes, device: str = RANDOM_DEV) -> None:
 
 # --- swap ----------------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def swapon(path: str, what: str) -> None:
-    if _libc.swapon(os.fsencode(path), 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.EBUSY:
-            raise FailedPrecondition(f"{what}: {path} is already in use as swap")
-        if err == errno.EINVAL:
-            raise InvalidArgument(f"{what}: {path} has no swap signature (run mkswap on it first)")
-        raise Internal(f"{what}: swapon {path}: {os.strerror(err)}")
+    try:
+        linux.swapon(path)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise FailedPrecondition(f"{what}: {path} is already in use as swap") from None
+        if exc.errno == errno.EINVAL:
+            raise InvalidArgument(f"{what}: {path} has no swap signature (run mkswap on it first)") from None
+        raise Internal(f"{what}: swapon {path}: {os.strerror(exc.errno or 0)}") from None
 
 
 def check_swap_path(path: str) -> str:
@@ -294,30 +287,16 @@ def volume_stats(path: str) -> csi_pb2.VolumeStatsResponse:
     return reply
 
 
-@dataclass(frozen=True)
-class MountInfo:
-    mount_point: str
-    fstype: str
-    source: str
-
-
-def _unescape(text: str) -> str:
-    return text.encode().decode("unicode_escape") if "\\" in text else text
-
-
-def mount_at(path: str, mountinfo: str = f"{PROC}/self/mountinfo") -> MountInfo | None:
+def mount_at(path: str, mountinfo: str = f"{PROC}/self/mountinfo") -> linux.MountEntry | None:
     """The topmost mount whose mount point is exactly ``path``."""
     found = None
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) >= 5 and len(tail) >= 2 and _unescape(fields[4]) == path:
-                found = MountInfo(path, tail[0], _unescape(tail[1]))
+    for entry in linux.mountinfo(mountinfo):
+        if entry.mount_point == path:
+            found = entry
     return found
 
 
-def resize_command(m: MountInfo) -> list[str]:
+def resize_command(m: linux.MountEntry) -> list[str]:
     if m.fstype in ("ext2", "ext3", "ext4"):
         return ["resize2fs", m.source]
     if m.fstype == "xfs":

@@ -1,14 +1,22 @@
-"""The thin syscall layer: what ``os`` lacks, through ctypes. No policy here, only calls.
+"""The thin syscall layer: what ``os`` lacks, through ctypes, and the kernel's own text formats.
 
-Every function raises ``OSError`` with the errno and the call named, like ``os`` does.
-Importable in the spawner (no grpc, no protobuf).
+Every libc call and kernel constant of the agent lives here; no policy, only calls. Every function
+raises ``OSError`` with the errno and the call named, like ``os`` does. Also here: the mount(8)
+option words, /proc/self/mountinfo and the kernel command line, each parsed in one place.
+Standard library only, and little of it: the spawner imports this module, and whatever it loads
+makes each of the spawner's forks dearer (dataclasses, for one, brings inspect: 14 modules and
+1.5 MB more in the spawner). Importable in PID-1 set-up (no grpc, no protobuf).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -21,6 +29,7 @@ MS_SYNCHRONOUS = 16
 MS_REMOUNT = 32
 MS_MANDLOCK = 64
 MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
 MS_BIND = 4096
@@ -33,9 +42,61 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
 MS_PROPAGATION = MS_UNBINDABLE | MS_PRIVATE | MS_SLAVE | MS_SHARED
 
 MNT_DETACH = 2
+
+# mount(8)'s option words: word -> (flags it sets, flags it clears). The one table that OCI
+# mounts (agent.oci) and storages (agent.storage) share.
+MOUNT_FLAGS: dict[str, tuple[int, int]] = {
+    "defaults": (0, 0),
+    "ro": (MS_RDONLY, 0), "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "sync": (MS_SYNCHRONOUS, 0), "async": (0, MS_SYNCHRONOUS),
+    "dirsync": (MS_DIRSYNC, 0), "mand": (MS_MANDLOCK, 0), "nomand": (0, MS_MANDLOCK),
+    "noatime": (MS_NOATIME, 0), "atime": (0, MS_NOATIME),
+    "nodiratime": (MS_NODIRATIME, 0), "diratime": (0, MS_NODIRATIME),
+    "relatime": (MS_RELATIME, 0), "norelatime": (0, MS_RELATIME),
+    "strictatime": (MS_STRICTATIME, 0), "nostrictatime": (0, MS_STRICTATIME),
+    "lazytime": (MS_LAZYTIME, 0), "nosymfollow": (MS_NOSYMFOLLOW, 0),
+    "bind": (MS_BIND, 0), "rbind": (MS_BIND | MS_REC, 0),
+    "remount": (MS_REMOUNT, 0), "silent": (MS_SILENT, 0),
+}
+# Propagation words: a mount(2) call of their own, after the mount.
+MOUNT_PROPAGATION: dict[str, int] = {
+    "private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC,
+    "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
+    "slave": MS_SLAVE, "rslave": MS_SLAVE | MS_REC,
+    "unbindable": MS_UNBINDABLE, "runbindable": MS_UNBINDABLE | MS_REC,
+}
+
+
+class MountWords(NamedTuple):
+    """mount(8) option words sorted out: ``flags`` (propagation aside), the ``propagation``
+    words' flags in the order given, and the rest (``data``), for the file system."""
+
+    flags: int = 0
+    propagation: tuple[int, ...] = ()
+    data: tuple[str, ...] = ()
+
+
+def parse_mount_options(options: Iterable[str]) -> MountWords:
+    """Sort ``["ro", "nodev,size=10m", "rslave"]`` by MOUNT_FLAGS and MOUNT_PROPAGATION; words
+    may hold comma lists, as mount(8) takes them. A later word wins over an earlier one."""
+    flags, propagation, data = 0, [], []
+    for option in options:
+        for word in option.split(","):
+            if word in MOUNT_FLAGS:
+                on, off = MOUNT_FLAGS[word]
+                flags = (flags | on) & ~off
+            elif word in MOUNT_PROPAGATION:
+                propagation.append(MOUNT_PROPAGATION[word])
+            elif word:
+                data.append(word)
+    return MountWords(flags, tuple(propagation), tuple(data))
 
 # clone(2) namespace flags
 CLONE_NEWTIME = 0x80
@@ -198,3 +259,170 @@ def mount_setattr(path: str, attr_set: int, attr_clr: int, recursive: bool = Tru
     _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), -100, _b(path),
                          ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+
+
+# --- swap, modules, power ---------------------------------------------------------------------
+
+RB_AUTOBOOT = 0x01234567
+RB_POWER_OFF = 0x4321FEDC
+_SYS_FINIT_MODULE = {"x86_64": 313, "aarch64": 273, "ppc64le": 353, "s390x": 344, "riscv64": 273}
+
+
+def swapon(path: str, flags: int = 0) -> None:
+    _check(_libc.swapon(_b(path), flags), f"swapon {path}")
+
+
+def finit_module(fd: int, params: str = "", flags: int = 0) -> None:
+    nr = _SYS_FINIT_MODULE.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"finit_module: no system call number for {platform.machine()}")
+    _check(_libc.syscall(ctypes.c_long(nr), fd, params.encode(), flags), "finit_module")
+
+
+def reboot(cmd: int) -> None:
+    """reboot(2): RB_POWER_OFF or RB_AUTOBOOT (only PID 1's business)."""
+    _check(_libc.reboot(ctypes.c_int(cmd)), "reboot")
+
+
+# --- /dev/random ioctls (linux/random.h): _IOW('R', 0x03, int[2]) and _IO('R', 0x07) ----------
+
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+# --- inotify(7) -------------------------------------------------------------------------------
+
+IN_MODIFY = 0x2
+IN_IGNORED = 0x8000
+
+
+def inotify_init1(flags: int) -> int:
+    return _check(_libc.inotify_init1(flags), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return _check(_libc.inotify_add_watch(fd, _b(path), ctypes.c_uint32(mask)),
+                  f"inotify_add_watch {path}")
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    _check(_libc.inotify_rm_watch(fd, wd), "inotify_rm_watch")
+
+
+# --- bpf(2) -----------------------------------------------------------------------------------
+
+BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
+
+
+def bpf(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(2) with ``attr`` (a buffer laid out as union bpf_attr); the call's result."""
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf: no system call number for {platform.machine()}")
+    return _check(_libc.syscall(ctypes.c_long(nr), cmd, ctypes.byref(attr),
+                                ctypes.c_uint(ctypes.sizeof(attr))), f"bpf({cmd})")
+
+
+# --- /proc/self/mountinfo ---------------------------------------------------------------------
+
+
+class MountEntry(NamedTuple):
+    """One line of mountinfo (proc(5)), its paths unescaped."""
+
+    mount_id: int
+    parent_id: int
+    root: str  # the mount's root within its file system
+    mount_point: str
+    options: str  # per-mount options (``rw,nosuid,relatime``)
+    fstype: str
+    source: str
+    super_options: str  # the superblock's options
+
+
+_OCTAL = re.compile(rb"\\([0-3][0-7][0-7])")
+
+
+def _unescape(field: str) -> str:
+    """The kernel writes space, tab, newline and backslash as a backslash and three octal digits,
+    and every other byte as it is: turn the escapes back into bytes, then decode the whole as
+    UTF-8 (bytes that are not UTF-8 kept as ``os`` keeps them). ``/mnt/é\\040x`` is ``/mnt/é x``."""
+    raw = field.encode("utf-8", "surrogateescape")
+    return _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), raw).decode("utf-8", "surrogateescape")
+
+
+def parse_mountinfo(text: bytes | str) -> list[MountEntry]:
+    """The entries of mountinfo ``text``, in its order (a later mount hides an earlier one at the
+    same point); malformed lines are skipped."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    out = []
+    for line in text.split("\n"):  # only "\n" and " " separate: a path may hold "\r" or "\f"
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(" "), right.split(" ")
+        if not sep or len(fields) < 6 or len(tail) < 2:
+            continue
+        if "\\" in line:
+            fields, tail = [_unescape(f) for f in fields], [_unescape(f) for f in tail]
+        out.append(MountEntry(int(fields[0]), int(fields[1]), fields[3], fields[4], fields[5],
+                              tail[0], tail[1], tail[2] if len(tail) > 2 else ""))
+    return out
+
+
+def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    with open(path, "rb") as f:
+        return parse_mountinfo(f.read())
+
+
+# --- the kernel command line ------------------------------------------------------------------
+
+_BLANK = " \t\n\v\f\r"
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """Split a kernel command line as the kernel's ``next_arg`` does: ``key=value`` -> {key: value},
+    a bare ``key`` -> {key: ""}, a later key wins, ``--`` ends the kernel's part.
+
+    Double quotes group blanks: ``key="a b"`` and ``"key=a b"`` both give ``a b`` (the quotes
+    around the value or the whole word go); a quote inside a value stays, as the kernel keeps it.
+    """
+    out: dict[str, str] = {}
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _BLANK:
+            i += 1
+        if i >= n:
+            return out
+        quoted = text[i] == '"'
+        start = i = i + quoted
+        in_quote, equals = quoted, -1
+        while i < n and (in_quote or text[i] not in _BLANK):
+            if equals < 0 and text[i] == "=" and i > start:
+                equals = i
+            if text[i] == '"':
+                in_quote = not in_quote
+            i += 1
+        end = i
+        value_quoted = equals >= 0 and text[equals + 1:equals + 2] == '"'
+        if (quoted or value_quoted) and end > start and text[end - 1] == '"':
+            end -= 1
+        if equals < 0:
+            if text[start:end] == "--":
+                return out
+            out[text[start:end]] = ""
+        else:
+            value_start = equals + 1 + value_quoted
+            out[text[start:equals]] = text[value_start:max(end, value_start)]
+        i += 1
+
+
+def read_cmdline(path: str = "/proc/cmdline") -> dict[str, str]:
+    """parse_cmdline of ``path``; {} when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return parse_cmdline(f.read())
+    except OSError:
+        return {}

@@ -43,28 +43,9 @@ RLIMITS = {f"RLIMIT_{name}": i for i, name in enumerate((
     "CPU", "FSIZE", "DATA", "STACK", "CORE", "RSS", "NPROC", "NOFILE", "MEMLOCK", "AS", "LOCKS",
     "SIGPENDING", "MSGQUEUE", "NICE", "RTPRIO", "RTTIME"))}
 
-# mount option -> (flags to clear, flags to set)
-MOUNT_FLAGS = {
-    "ro": (0, linux.MS_RDONLY), "rw": (linux.MS_RDONLY, 0),
-    "nosuid": (0, linux.MS_NOSUID), "suid": (linux.MS_NOSUID, 0),
-    "nodev": (0, linux.MS_NODEV), "dev": (linux.MS_NODEV, 0),
-    "noexec": (0, linux.MS_NOEXEC), "exec": (linux.MS_NOEXEC, 0),
-    "sync": (0, linux.MS_SYNCHRONOUS), "async": (linux.MS_SYNCHRONOUS, 0),
-    "dirsync": (0, linux.MS_DIRSYNC), "remount": (0, linux.MS_REMOUNT),
-    "mand": (0, linux.MS_MANDLOCK), "nomand": (linux.MS_MANDLOCK, 0),
-    "noatime": (0, linux.MS_NOATIME), "atime": (linux.MS_NOATIME, 0),
-    "nodiratime": (0, linux.MS_NODIRATIME), "diratime": (linux.MS_NODIRATIME, 0),
-    "relatime": (0, linux.MS_RELATIME), "norelatime": (linux.MS_RELATIME, 0),
-    "strictatime": (0, linux.MS_STRICTATIME), "nostrictatime": (linux.MS_STRICTATIME, 0),
-    "bind": (0, linux.MS_BIND), "rbind": (0, linux.MS_BIND | linux.MS_REC),
-}
-PROPAGATION = {
-    "private": linux.MS_PRIVATE, "rprivate": linux.MS_PRIVATE | linux.MS_REC,
-    "shared": linux.MS_SHARED, "rshared": linux.MS_SHARED | linux.MS_REC,
-    "slave": linux.MS_SLAVE, "rslave": linux.MS_SLAVE | linux.MS_REC,
-    "unbindable": linux.MS_UNBINDABLE, "runbindable": linux.MS_UNBINDABLE | linux.MS_REC,
-}
-IGNORED_OPTIONS = {"tmpcopyup", "defaults"}
+# Mount option words are agent.linux's (MOUNT_FLAGS, MOUNT_PROPAGATION, shared with storages);
+# runc's tmpcopyup is not done here and is dropped.
+IGNORED_OPTIONS = {"tmpcopyup"}
 MOUNT_TYPES_NEEDING_SOURCE = {"bind"}
 DEVICE_TYPES = {"c": 0o020000, "u": 0o020000, "b": 0o060000, "p": 0o010000}
 
@@ -216,7 +197,7 @@ def _validate_linux(lx: oci_pb2.Linux) -> None:
             _require_abs(ns.Path, f"OCI.Linux.Namespaces[{i}].Path")
     if "user" in types or lx.UIDMappings or lx.GIDMappings:
         raise InvalidArgument("OCI.Linux.Namespaces: user namespaces (UIDMappings/GIDMappings) are not supported")
-    if lx.RootfsPropagation and lx.RootfsPropagation not in PROPAGATION:
+    if lx.RootfsPropagation and lx.RootfsPropagation not in linux.MOUNT_PROPAGATION:
         raise InvalidArgument(f"OCI.Linux.RootfsPropagation: unknown propagation {lx.RootfsPropagation!r}")
     for i, dev in enumerate(lx.Devices):
         _require_abs(dev.Path, f"OCI.Linux.Devices[{i}].Path")
@@ -340,19 +321,11 @@ def _rlim(value: int) -> int:
 
 
 def convert_mount(m: oci_pb2.Mount) -> MountConfig:
-    flags, data, propagation = 0, [], []
-    for opt in m.options:
-        if opt in MOUNT_FLAGS:
-            clear, set_ = MOUNT_FLAGS[opt]
-            flags = (flags & ~clear) | set_
-        elif opt in PROPAGATION:
-            propagation.append(PROPAGATION[opt])
-        elif opt not in IGNORED_OPTIONS:
-            data.append(opt)
-    if m.type == "bind":
-        flags |= linux.MS_BIND
+    words = linux.parse_mount_options(m.options)
+    flags = words.flags | (linux.MS_BIND if m.type == "bind" else 0)
+    data = ",".join(w for w in words.data if w not in IGNORED_OPTIONS)
     return MountConfig(destination=posixpath.normpath(m.destination), source=m.source,
-                       type=m.type, flags=flags, data=",".join(data), propagation=propagation)
+                       type=m.type, flags=flags, data=data, propagation=list(words.propagation))
 
 
 def convert_device(d: oci_pb2.LinuxDevice) -> DeviceConfig:
@@ -379,7 +352,8 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Con
         masked_paths=list(lx.MaskedPaths),
         readonly_paths=list(lx.ReadonlyPaths),
         sysctl=dict(lx.Sysctl),
-        root_propagation=PROPAGATION.get(lx.RootfsPropagation, linux.MS_PRIVATE | linux.MS_REC),
+        root_propagation=linux.MOUNT_PROPAGATION.get(lx.RootfsPropagation,
+                                                     linux.MS_PRIVATE | linux.MS_REC),
         cgroups_path=lx.CgroupsPath,
         seccomp=convert_seccomp(lx.Seccomp) if has_seccomp(lx) else None,
     )

@@ -11,7 +11,6 @@ container devices storages namespaces bundle).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from agent import devices
+from agent import devices, linux
 from agent.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument,
                           Unimplemented)
 from agent.protocols import oci_pb2
@@ -38,12 +37,9 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "KATA_AGENT_FAULT_INJECT"
 RESOLV_CONF = "/etc/resolv.conf"
 HOSTNAME_MAX = 64
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
 PINNED = ("uts", "ipc")
 HOOK_STAGES = ("prestart", "poststart", "poststop")
 _MODULE = re.compile(r"[A-Za-z0-9_-]+")
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fault_point(step: str) -> None:
@@ -67,14 +63,9 @@ def pin_namespaces(ns_dir: str, hostname: str) -> dict[str, str]:
 
     def work() -> None:
         try:
-            if _libc.unshare(CLONE_NEWUTS | CLONE_NEWIPC) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"unshare(uts|ipc): {os.strerror(err)}")
+            linux.unshare(linux.CLONE_NEWUTS | linux.CLONE_NEWIPC)
             if hostname:
-                name = hostname.encode()
-                if _libc.sethostname(name, len(name)) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"sethostname: {os.strerror(err)}")
+                linux.sethostname(hostname)
             for kind, target in targets.items():
                 if os.path.exists(target):
                     raise FileExistsError(f"{target}: already exists")

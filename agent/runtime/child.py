@@ -425,12 +425,9 @@ def _cgroup_mounts() -> list[tuple[str, str, str, str]]:
     One per mount point: the last one mounted there, which hides those below it.
     """
     out: dict[str, tuple[str, str, str, str]] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if rfields[0] in ("cgroup", "cgroup2") and fields[4].startswith("/sys/fs/cgroup"):
-                out[fields[4]] = (fields[4], rfields[0], fields[3], rfields[2])
+    for m in linux.mountinfo():
+        if m.fstype in ("cgroup", "cgroup2") and m.mount_point.startswith("/sys/fs/cgroup"):
+            out[m.mount_point] = (m.mount_point, m.fstype, m.root, m.super_options)
     return list(out.values())
 
 

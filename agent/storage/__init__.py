@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from agent.errors import InvalidArgument
 from agent.storage import paths
 from agent.storage.fsgroup import apply_fs_group
-from agent.storage.syscalls import MNT_DETACH, mounts_under, parse_options, umount
+from agent.storage.syscalls import MNT_DETACH, MS_RDONLY, mounts_under, parse_options, umount
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class StorageManager:
     def _apply_fs_group(self, storage, target: str) -> None:
         if not storage.HasField("fs_group"):
             return
-        if parse_options(storage.options).flags & 1:  # MS_RDONLY: nothing to change
+        if parse_options(storage.options).flags & MS_RDONLY:  # nothing to change
             return
         apply_fs_group(target, storage.fs_group.group_id, storage.fs_group.group_change_policy)
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent import linux
 from agent.errors import InvalidArgument
 from agent.protocols import oci_pb2
 from agent.runtime.cgroups import cgpath, layout, plan
@@ -65,16 +66,16 @@ MOUNTINFO_HYBRID = """\
 """
 
 
-def test_parse_mountinfo_hybrid():
-    v1map, v2root, dynmods = layout.parse_mountinfo(MOUNTINFO_HYBRID)
+def test_hierarchies_hybrid():
+    v1map, v2root, dynmods = layout.hierarchies(linux.parse_mountinfo(MOUNTINFO_HYBRID))
     assert v2root == "/sys/fs/cgroup/unified" and not dynmods
     assert v1map == {"cpu": "/sys/fs/cgroup/cpu", "cpuacct": "/sys/fs/cgroup/cpu,cpuacct",
                      "memory": "/sys/fs/cgroup/memory", "pids": "/mnt/with space"}
 
 
-def test_parse_mountinfo_v2_favordynmods():
+def test_hierarchies_v2_favordynmods():
     text = "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n"
-    assert layout.parse_mountinfo(text) == ({}, "/sys/fs/cgroup", True)
+    assert layout.hierarchies(linux.parse_mountinfo(text)) == ({}, "/sys/fs/cgroup", True)
 
 
 def test_routes_hybrid_and_pure_v2():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import VMADDR_CID_ANY, ConfigError, load, parse_address, parse_cmdline
+from agent import linux
+from agent.config import VMADDR_CID_ANY, ConfigError, agent_keys, load, parse_address
 
 
 @pytest.mark.parametrize("text,target", [
@@ -40,8 +41,9 @@ def test_parse_address_rejects(text, words):
         parse_address(text)
 
 
-def test_parse_cmdline_keeps_only_agent_keys():
-    got = parse_cmdline("console=ttyS0 agent.log=debug agent.server_addr=tcp://0.0.0.0:1 agent.debug_console quiet")
+def test_agent_keys_keeps_only_agent_keys():
+    got = agent_keys(linux.parse_cmdline(
+        "console=ttyS0 agent.log=debug agent.server_addr=tcp://0.0.0.0:1 agent.debug_console quiet"))
     assert got == {"log": "debug", "server_addr": "tcp://0.0.0.0:1", "debug_console": ""}
 
 
@@ -89,3 +91,10 @@ def test_flags_beat_environment(cmdline):
 def test_bad_settings_name_their_source(tmp_path, env, words):
     with pytest.raises(ConfigError, match=words):
         load(["--cmdline-file", str(tmp_path / "none")], environ=env)
+
+
+def test_quoted_kernel_command_line_value(tmp_path):
+    path = tmp_path / "cmdline"
+    path.write_text('console=ttyS0 agent.policy="/run/my policy.json" agent.log=debug\n')
+    cfg = load(["--cmdline-file", str(path)], environ={})
+    assert (cfg.policy_file, cfg.log_level) == ("/run/my policy.json", "debug")

@@ -133,7 +133,7 @@ def test_mount_at_and_resize_command(tmp_path):
         "41 22 0:50 / /mnt/x rw - xfs /dev/vdc rw\n"
         "42 22 0:51 / /mnt/t rw - tmpfs tmpfs rw\n")
     m = guest.mount_at("/run/kata-containers/shared/vol a", str(info))
-    assert m == guest.MountInfo("/run/kata-containers/shared/vol a", "ext4", "/dev/vdb")
+    assert (m.mount_point, m.fstype, m.source) == ("/run/kata-containers/shared/vol a", "ext4", "/dev/vdb")
     assert guest.resize_command(m) == ["resize2fs", "/dev/vdb"]
     assert guest.resize_command(guest.mount_at("/mnt/x", str(info))) == ["xfs_growfs", "/mnt/x"]
     with pytest.raises(FailedPrecondition, match="tmpfs"):

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import struct
 from dataclasses import dataclass
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9
-BPF_PROG_TYPE_CGROUP_DEVICE = 15
-BPF_CGROUP_DEVICE = 6
-BPF_F_ALLOW_MULTI = 2
+from agent import linux
+from agent.linux import (BPF_CGROUP_DEVICE, BPF_F_ALLOW_MULTI, BPF_PROG_ATTACH, BPF_PROG_DETACH,
+                         BPF_PROG_LOAD, BPF_PROG_TYPE_CGROUP_DEVICE)
+
 _ACCESS = {"m": 1, "r": 2, "w": 4}
 _TYPE = {"b": 1, "c": 2}
 
@@ -85,22 +83,7 @@ def program(rules: list[Rule]) -> bytes:
     return b"".join(code)
 
 
-class _Bpf:
-    def __init__(self) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.nr = _SYS_BPF.get(platform.machine())
-        if self.nr is None:
-            raise OSError(f"bpf: unsupported architecture {platform.machine()}")
-
-    def call(self, cmd: int, attr: ctypes.Array) -> int:
-        ret = self.libc.syscall(self.nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"bpf({cmd}): {os.strerror(err)}")
-        return ret
-
-
-def _load(bpf: _Bpf, insns: ctypes.Array, log_size: int) -> int:
+def _load(insns: ctypes.Array, log_size: int) -> int:
     license_ = ctypes.create_string_buffer(b"Apache")
     log = ctypes.create_string_buffer(max(log_size, 1))
     attr = ctypes.create_string_buffer(128)
@@ -108,7 +91,7 @@ def _load(bpf: _Bpf, insns: ctypes.Array, log_size: int) -> int:
                      ctypes.addressof(insns), ctypes.addressof(license_), 1 if log_size else 0,
                      log_size, ctypes.addressof(log) if log_size else 0)
     try:
-        return bpf.call(BPF_PROG_LOAD, attr)
+        return linux.bpf(BPF_PROG_LOAD, attr)
     except OSError as exc:
         if not log_size:
             raise
@@ -118,12 +101,11 @@ def _load(bpf: _Bpf, insns: ctypes.Array, log_size: int) -> int:
 
 def load(rules: list[Rule]) -> int:
     """Load the program; its fd. On a refusal, load again with the verifier's log for the error."""
-    bpf = _Bpf()
     insns = ctypes.create_string_buffer(program(rules))
     try:
-        return _load(bpf, insns, 0)
+        return _load(insns, 0)
     except OSError:
-        return _load(bpf, insns, 1 << 20)
+        return _load(insns, 1 << 20)
 
 
 def _attach_cmd(cmd: int, directory: str, prog_fd: int) -> None:
@@ -132,7 +114,7 @@ def _attach_cmd(cmd: int, directory: str, prog_fd: int) -> None:
         attr = ctypes.create_string_buffer(128)
         struct.pack_into("<IIII", attr, 0, dir_fd, prog_fd, BPF_CGROUP_DEVICE,
                          BPF_F_ALLOW_MULTI if cmd == BPF_PROG_ATTACH else 0)
-        _Bpf().call(cmd, attr)
+        linux.bpf(cmd, attr)
     finally:
         os.close(dir_fd)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from agent import linux
+
 LOGICAL = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "hugetlb")
 V2_NAME = {"cpu": "cpu", "cpuset": "cpuset", "memory": "memory", "blkio": "io", "pids": "pids",
            "hugetlb": "hugetlb"}
@@ -67,39 +69,20 @@ class Layout:
         return seen
 
 
-def _unescape(text: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1:i + 4].isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> tuple[dict[str, str], str | None, bool]:
+def hierarchies(mounts: list[linux.MountEntry]) -> tuple[dict[str, str], str | None, bool]:
     """(v1 controller -> mount point, cgroup2 mount point, whether it favors dynamic changes)
-    from /proc/self/mountinfo text."""
+    from the mount table."""
     v1: dict[str, str] = {}
     v2: str | None = None
     dynmods = False
-    for line in text.splitlines():
-        pre, sep, post = line.partition(" - ")
-        if not sep:
-            continue
-        fields, tail = pre.split(), post.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        mountpoint, fstype, superopts = _unescape(fields[4]), tail[0], tail[2].split(",")
-        if fstype == "cgroup2" and v2 is None:
-            v2, dynmods = mountpoint, "favordynmods" in superopts
-        elif fstype == "cgroup":
+    for m in mounts:
+        superopts = m.super_options.split(",")
+        if m.fstype == "cgroup2" and v2 is None:
+            v2, dynmods = m.mount_point, "favordynmods" in superopts
+        elif m.fstype == "cgroup":
             for opt in superopts:
                 if opt in LOGICAL and opt not in v1:
-                    v1[opt] = mountpoint
+                    v1[opt] = m.mount_point
     return v1, v2, dynmods
 
 
@@ -115,6 +98,5 @@ def detect_layout(mountinfo: str = "/proc/self/mountinfo", v2_root: str | None =
     """The machine's layout; ``v2_root`` forces a pure v2 layout rooted at that directory."""
     if v2_root is not None:
         return Layout({}, v2_root, read_controllers(v2_root))
-    with open(mountinfo) as f:
-        v1, v2, dynmods = parse_mountinfo(f.read())
+    v1, v2, dynmods = hierarchies(linux.mountinfo(mountinfo))
     return Layout(v1, v2, read_controllers(v2) if v2 else frozenset(), dynmods)

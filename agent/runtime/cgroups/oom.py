@@ -10,18 +10,17 @@ changes; an increase of ``oom_kill`` is an OOM kill. Both run in the asyncio loo
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import struct
 from dataclasses import dataclass
 
+from agent import linux
+from agent.linux import IN_IGNORED, IN_MODIFY
 from agent.runtime.cgroups import files
 
 log = logging.getLogger("agent.cgroups")
 
-IN_MODIFY = 0x2
-IN_IGNORED = 0x8000
 _EVENT = struct.Struct("iIII")
 QUEUE_MAX = 1024
 
@@ -38,24 +37,19 @@ class Watch:
 
 
 class _Inotify:
-    """The few inotify calls we need, through libc."""
+    """An inotify instance: its fd, watches added and removed."""
 
     def __init__(self) -> None:
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        self.fd = fd
+        self.fd = linux.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def add(self, path: str, mask: int) -> int:
-        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-        return wd
+        return linux.inotify_add_watch(self.fd, path, mask)
 
     def remove(self, wd: int) -> None:
-        self.libc.inotify_rm_watch(self.fd, wd)
+        try:
+            linux.inotify_rm_watch(self.fd, wd)
+        except OSError:  # EINVAL: the kernel dropped it already (the file went away)
+            pass
 
     def events(self) -> list[tuple[int, int]]:
         """(wd, mask) of every queued event."""
