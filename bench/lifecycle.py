@@ -44,7 +44,7 @@ from agent.protocols import agent_pb2  # noqa: E402
 from agent.protocols.oci_pb2 import Spec  # noqa: E402
 from kata_agent_client.client import AgentClient  # noqa: E402
 from kata_agent_client.spec import default_config, spec_from_config  # noqa: E402
-from tests.integration.conftest import AgentProcess, make_busybox_rootfs  # noqa: E402
+from tests.support import AgentProcess, make_busybox_rootfs  # noqa: E402
 
 CRUN_WRAP = ["unshare", "-m", "--propagation", "private", "sh", "-c",
              'umount -l /sys/fs/cgroup/unified 2>/dev/null || exec "$@"; '

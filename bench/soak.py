@@ -34,7 +34,7 @@ import grpc  # noqa: E402
 
 from agent.protocols import agent_pb2, oci_pb2  # noqa: E402
 from kata_agent_client import AgentClient  # noqa: E402
-from tests.integration.conftest import make_busybox_rootfs  # noqa: E402
+from tests.support import make_busybox_rootfs  # noqa: E402
 from tests.reliability.containers import create, read_all, spec  # noqa: E402
 from tests.reliability.invariants import AgentState, settle  # noqa: E402
 from tests.reliability.isolated import IsolatedAgent  # noqa: E402

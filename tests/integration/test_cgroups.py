@@ -174,9 +174,11 @@ def test_memory_limit_below_usage_is_refused(box):
 def test_stats_after_cpu_work(box):
     cg = box.manager.create(box.path("c1"), res(Pids={"Limit": 50}), owner="c1")
     gate_r, gate_w = os.pipe()
+    # user time is counted by timer ticks: after its memory, the worker spins until the kernel has
+    # counted some (a fixed amount of work may be counted as system time alone on a busy machine)
     worker = box.spawn(cg, sys.executable, "-c",
-                       "import sys; sys.stdin.read(1); x = [i * i for i in range(300000)]",
-                       stdin=gate_r)
+                       "import os, sys; sys.stdin.read(1); x = [i * i for i in range(300000)]\n"
+                       "while os.times().user < 0.05: pass", stdin=gate_r)
     os.close(gate_r)
     os.write(gate_w, b"go")
     os.close(gate_w)

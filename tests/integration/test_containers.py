@@ -15,7 +15,7 @@ import pytest
 
 from kata_agent_client.spec import default_config, spec_from_config
 
-from tests.integration.conftest import UNIFIED
+from tests.support import UNIFIED
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,7 +188,7 @@ def test_default_devices_in_the_rootfs_own_dev(agent, busybox_rootfs, container_
 
 def test_mount_destination_cannot_escape_through_symlink(agent, busybox_rootfs, container_id, tmp_path):
     rootfs = tmp_path / "rootfs"
-    from tests.integration.conftest import make_busybox_rootfs
+    from tests.support import make_busybox_rootfs
 
     make_busybox_rootfs(rootfs)
     (rootfs / "escape").symlink_to("../../../../../../..")

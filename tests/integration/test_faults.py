@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from agent.protocols import agent_pb2, oci_pb2
-from tests.integration.conftest import make_busybox_rootfs
+from tests.support import make_busybox_rootfs
 from tests.reliability.containers import create, read_all, run, spec, status_of
 from tests.reliability.invariants import AgentState, Checkpoint, MachineState
 from tests.reliability.isolated import IsolatedAgent

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from agent.protocols import agent_pb2
-from tests.integration.conftest import make_busybox_rootfs
+from tests.support import make_busybox_rootfs
 from tests.reliability.containers import create, run, spec, status_of
 from tests.reliability.hostile import SERVICE
 from tests.reliability.invariants import AgentState, Checkpoint, MachineState, tree_hash

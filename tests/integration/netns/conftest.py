@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import ROOT, AgentProcess
+from tests.support import ROOT, AgentProcess
 
 
 class Netns:
