@@ -1,8 +1,9 @@
 """Entry point: ``python -m agent`` and the ``kata-agent`` console script.
 
-Order matters. Settings are read and, as PID 1, the guest is set up; then the container spawner
-is forked while this process is still single-threaded; only then do the listeners start. grpcio,
-which starts threads, comes later still, with the first gRPC connection (agent.server).
+Order matters. Settings are read and, as PID 1, the guest is set up (its forks run Python, so
+they come while this process is single-threaded); then the container spawner is started, a process
+of its own (agent.runtime.spawner); only then do the listeners start. grpcio, which starts
+threads, comes later still, with the first gRPC connection (agent.server).
 """
 
 from __future__ import annotations

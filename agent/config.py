@@ -1,6 +1,6 @@
 """Agent settings: command-line flags, then the environment, then the kernel command line, then defaults.
 
-Kept free of grpc imports: the agent reads its config before it forks the spawner.
+Kept free of grpc imports: the agent reads its config first, as PID 1 before the guest is set up.
 """
 
 from __future__ import annotations

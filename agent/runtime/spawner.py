@@ -1,7 +1,7 @@
-"""The spawner: a single-threaded process, forked before grpc exists, that forks every container.
+"""The spawner: a single-threaded process of its own that forks every container.
 
-``start_spawner(cfg)`` (called by agent.__main__ while the agent is still single-threaded) starts
-it. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
+``start_spawner(cfg)`` (called by agent.__main__) starts it as a fresh ``python -S`` with
+posix_spawn, not as a fork of the agent, so it can be started again from the multi-threaded agent. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
 first fd being the child's end of a fresh per-request ``sync`` socketpair. The spawner forks an
 intermediate child that does the work (agent.runtime.child) and reports on ``sync``; the spawner
 itself never answers, so the agent side needs no request ids.
