@@ -2,20 +2,21 @@
 
 Order matters. Settings are read and, as PID 1, the guest is set up (its forks run Python, so
 they come while this process is single-threaded); then the container spawner is started, a process
-of its own (agent.runtime.spawner); only then do the listeners start. grpcio, which starts
-threads, comes later still, with the first gRPC connection (agent.server).
+of its own (agent.runtime.spawner); only then does agent.wiring build the other components and
+start the listeners. grpcio, which starts threads, comes later still, with the first gRPC
+connection (agent.server).
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import os
 import sys
 
 from agent import config as config_mod
 from agent import linux
 from agent import log as log_mod
+from agent.runtime.spawner import start_spawner
 
 
 def _become_subreaper() -> None:
@@ -36,19 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         init.pid1_setup(cfg.cmdline)
     _become_subreaper()
 
-    spawner = None
-    try:
-        spawner_mod = importlib.import_module("agent.runtime.spawner")
-    except ModuleNotFoundError as exc:
-        if exc.name != "agent.runtime.spawner":
-            raise
-    else:
-        spawner = spawner_mod.start_spawner(cfg)
-
-    from agent import server  # threads (grpcio, executors) may start after this: no fork that runs Python
+    spawner = start_spawner()
+    # imported once the spawner runs (its start overlaps these imports); threads (grpcio,
+    # executors) may start after this: no fork that runs Python
+    from agent import wiring
 
     try:
-        return asyncio.run(server.serve(cfg, spawner=spawner))
+        return asyncio.run(wiring.run(cfg, spawner))
     finally:
         if pid1:
             from agent import init

@@ -16,11 +16,12 @@ import struct
 import time
 from collections.abc import Callable
 
-from agent import __version__, identity, linux
+from agent import __version__, devices, identity, linux
 from agent.errors import (DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound,
                           Unimplemented)
 from agent.protocols import agent_pb2, csi_pb2
-from agent.runtime import command
+from agent.runtime import command, seccomp
+from agent.storage.drivers import DRIVERS
 
 SYSFS = "/sys"
 PROC = "/proc"
@@ -52,24 +53,14 @@ def supports_probe(sysfs: str = SYSFS) -> bool:
 
 
 def storage_handlers() -> list[str]:
-    try:
-        from agent import storage
-    except ImportError:
-        return []
-    return sorted(storage.load_drivers())
+    return sorted(DRIVERS)
 
 
 def device_handlers() -> list[str]:
-    try:
-        from agent import devices
-    except ImportError:
-        return []
     return sorted(devices.DEVICE_TYPES)
 
 
 def agent_details(extra_features: list[str]) -> agent_pb2.AgentDetails:
-    from agent.runtime import seccomp
-
     return agent_pb2.AgentDetails(version=__version__, init_daemon=os.getpid() == 1,
                                   device_handlers=device_handlers(), storage_handlers=storage_handlers(),
                                   supports_seccomp=seccomp.available(), extra_features=extra_features)
@@ -257,8 +248,6 @@ async def add_swap(pci_path: list[int], uevents, timeout: float) -> None:
         raise InvalidArgument("PCIPath: empty")
     if any(not 0 <= slot <= 0x1F for slot in pci_path):
         raise InvalidArgument(f"PCIPath: {pci_path} has a slot outside 0..31")
-    from agent import devices
-
     text = "/".join(f"{slot:02x}" for slot in pci_path)
     node = await devices.wait_block_by_pci(uevents, text, timeout, f"PCIPath {text}")
     await asyncio.to_thread(swapon, node.path, f"PCIPath {text}")

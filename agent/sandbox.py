@@ -27,8 +27,10 @@ from agent.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidAr
 from agent.protocols import oci_pb2
 from agent.runtime import command
 from agent.runtime.reaper import REAPER
+from agent.runtime.spawner import Spawner
 from agent.storage import MountContext, StorageManager, paths
 from agent.storage.syscalls import MNT_DETACH, MS_BIND, mount, mount_bind, mounts_under, umount
+from agent.uevent import UeventListener
 from agent.undo import UndoStack
 from agent.validate import check_id
 
@@ -178,9 +180,11 @@ class SandboxState:
 
 
 class Sandbox:
-    def __init__(self, agent) -> None:
-        self.agent = agent
-        run_dir = os.path.realpath(agent.config.run_dir)
+    def __init__(self, run_dir: str, hotplug_timeout: float, spawner: Spawner,
+                 uevents: UeventListener | None) -> None:
+        self.spawner = spawner
+        self.hotplug_timeout = hotplug_timeout
+        run_dir = os.path.realpath(run_dir)
         self.kata_root = os.path.join(run_dir, "kata-containers")
         self.ns_dir = os.path.join(run_dir, "sandbox-ns")
         self.shared_dir = os.path.join(self.kata_root, "shared", "containers")
@@ -188,7 +192,7 @@ class Sandbox:
         os.makedirs(self.shared_dir, mode=0o755, exist_ok=True)
         os.makedirs(self.ns_dir, mode=0o711, exist_ok=True)
         self.storages = StorageManager(MountContext(
-            uevents=None, hotplug_timeout=agent.config.hotplug_timeout,
+            uevents=uevents, hotplug_timeout=hotplug_timeout,
             kata_root=self.kata_root, run_dir=run_dir))
         self.state: SandboxState | None = None
         self._teardown: list = []
@@ -198,9 +202,6 @@ class Sandbox:
     @property
     def created(self) -> bool:
         return self.state is not None
-
-    def bind_uevents(self, uevents) -> None:
-        self.storages.ctx.uevents = uevents
 
     # --- CreateSandbox ---
     def check_create(self, req) -> None:
@@ -254,13 +255,9 @@ class Sandbox:
         fault_point("guest_hooks")
 
     async def _start_pidns_init(self) -> int:
-        run_task = getattr(self.agent.spawner, "run_task", None)
-        if run_task is None:
-            raise FailedPrecondition("sandbox_pidns: this agent's spawner cannot start the "
-                                     "sandbox PID namespace init (no run_task)")
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         try:
-            reply = await run_task("sandbox-pidns-init", {}, (lifeline_r,))
+            reply = await self.spawner.run_task("sandbox-pidns-init", {}, (lifeline_r,))
         except BaseException:
             os.close(lifeline_w)
             raise
@@ -319,10 +316,8 @@ class Sandbox:
 
     # --- DestroySandbox ---
     async def destroy(self) -> None:
+        """Release what CreateSandbox made; the containers are gone already (DestroySandbox)."""
         async with self.lock:
-            runtime = self.agent.runtime
-            if runtime is not None and hasattr(runtime, "remove_all"):
-                await runtime.remove_all()
             self.storages.release_all()
             undo = UndoStack()
             for what, action in self._teardown:
@@ -377,7 +372,7 @@ class Sandbox:
         spec = req.OCI
         if req.devices:
             await devices.prepare(self.storages.ctx.uevents, req.devices, spec,
-                                  self.agent.config.hotplug_timeout)
+                                  self.hotplug_timeout)
         fault_point("devices")
         await self.storages.add_all(req.storages, "storages", undo)
         fault_point("storages")

@@ -16,7 +16,6 @@ import signal
 from collections.abc import Callable
 
 from agent import linux
-from agent.runtime.spawner import task
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -57,7 +56,6 @@ def init_loop(lifeline: int) -> None:
                 pass
 
 
-@task("sandbox-pidns-init")
 def sandbox_pidns_init(args: dict, fds: list[int], reply: Callable[[dict], None]) -> None:
     """``fds[0]``: the lifeline (see init_loop)."""
     if len(fds) != 1:
@@ -82,3 +80,9 @@ def sandbox_pidns_init(args: dict, fds: list[int], reply: Callable[[dict], None]
     if ok != b"1":
         raise OSError("sandbox pid namespace init died before it was ready")
     reply({"init_pid": pid})
+
+
+# The spawner's tasks by name (agent.runtime.spawner runs them in a forked child).
+TASKS: dict[str, Callable[[dict, list[int], Callable[[dict], None]], None]] = {
+    "sandbox-pidns-init": sandbox_pidns_init,
+}

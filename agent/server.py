@@ -19,14 +19,10 @@ import asyncio
 import importlib
 import logging
 import os
-import signal
 import socket
 import stat
 
-from agent import rpc
-from agent.config import Address, Config
-from agent.context import Agent
-from agent.runtime.reaper import REAPER
+from agent.config import Address
 from agent.service import Services
 from agent.ttrpc import ServerConnection
 from agent.vsock import vsock_listener
@@ -39,10 +35,6 @@ SNIFF_SECONDS = 10.0
 
 class ListenError(OSError):
     """A listen address could not be bound."""
-
-
-class StartError(Exception):
-    """An area's set-up failed (e.g. an invalid boot policy); the agent does not serve."""
 
 
 # ---------------------------------------------------------------------------------- sockets
@@ -283,48 +275,3 @@ class Front:
                 pass
         for server in self.servers:
             await server.wait_closed()
-
-
-# ---------------------------------------------------------------------------------- the agent
-
-async def serve(config: Config, spawner=None) -> int:
-    agent = Agent(config=config, spawner=spawner)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stopping.set)
-
-    REAPER.install(loop)
-    if spawner is not None:
-        spawner.supervise()
-    handlers = rpc.load_all()
-    done = []
-    front: Front | None = None
-    rc = 0
-    try:
-        for setup in rpc.SETUPS:
-            try:
-                await setup(agent)
-            except Exception as exc:
-                raise StartError(f"{setup.__module__}: {exc}") from exc
-            done.append(setup.__module__)
-        front = Front(Services(agent, handlers), config.run_dir)
-        bound = [await front.listen(addr) for addr in config.server_addrs]
-        log.info("agent serving", extra={"fields": {"addrs": [str(a) for a in bound], "pid": os.getpid()}})
-
-        await agent.stopping.wait()
-        log.info("agent stopping")
-    except (StartError, ListenError) as exc:
-        log.error("agent cannot start", extra={"fields": {"error": str(exc)}})
-        rc = 1
-    finally:
-        agent.stopping.set()
-        if front is not None:
-            await front.close()
-        for teardown in reversed(rpc.TEARDOWNS):
-            if teardown.__module__ in done:
-                try:
-                    await teardown(agent)
-                except Exception:  # noqa: BLE001 - release the rest too
-                    log.exception("teardown failed", extra={"fields": {"area": teardown.__module__}})
-    log.info("agent stopped")
-    return rc

@@ -34,11 +34,11 @@ from agent.config import Address, Config
 from agent.context import Agent
 from agent.server import Front
 from agent.service import Services
-from agent.rpc import load_all
+from agent.wiring import all_handlers
 
 async def main():
     agent = Agent(config=Config())
-    services = Services(agent, {"GetGuestDetails": load_all()["GetGuestDetails"]})
+    services = Services(agent, {"GetGuestDetails": all_handlers()["GetGuestDetails"]})
     front = Front(services, tempfile.mkdtemp(prefix="rpc-latency-"))
     bound = await front.listen(Address("tcp", host="127.0.0.1", port=0))
     await front.grpc_backend()  # started before timing, as after an agent's first gRPC call

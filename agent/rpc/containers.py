@@ -10,26 +10,11 @@ from agent import oci
 from agent.errors import FailedPrecondition, InvalidArgument
 from agent.protocols import agent_pb2
 from agent.rpc import rpc
-from agent.runtime.container import Runtime
 from agent.undo import UndoStack
 from agent.validate import check_id
 
 log = logging.getLogger(__name__)
 EMPTY = empty_pb2.Empty
-
-
-async def setup(agent) -> None:
-    if agent.spawner is None:
-        raise RuntimeError("no spawner: agent.runtime.spawner.start_spawner() did not run")
-    from agent import sandbox as sandbox_mod  # imported here: the runtime does not need it
-
-    agent.runtime = Runtime(agent.spawner, agent.config.run_dir, hook_runner=sandbox_mod.run_hooks)
-
-
-async def teardown(agent) -> None:
-    if agent.runtime is not None:
-        await agent.runtime.remove_all()
-        agent.runtime.close()
 
 
 def _exec_id(request) -> str:

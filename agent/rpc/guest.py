@@ -1,66 +1,21 @@
-"""Guest management RPCs, GetMetrics and SetPolicy (domain in agent.guest, agent.metrics, agent.policy).
-
-The setup hook installs the agent's policy (from --policy-file / agent.policy=, else allow-all)
-and its metrics registry; agent.service consults both around every RPC.
-"""
+"""Guest management RPCs, GetMetrics and SetPolicy (domain in agent.guest, agent.metrics, agent.policy)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from google.protobuf import empty_pb2
 
-from agent import guest, policy
+from agent import guest
 from agent.context import Agent
 from agent.errors import InvalidArgument, NotFound
-from agent.metrics import Metrics
 from agent.protocols import agent_pb2
 from agent.rpc import rpc
 
 log = logging.getLogger(__name__)
 
 EXTRA_FEATURES = ["policy-json", "metrics-prometheus", "iptables"]
-
-
-class BootPolicyError(RuntimeError):
-    """The boot policy could not be loaded: the agent refuses to serve rather than allow everything."""
-
-
-def boot_policy(agent: Agent) -> policy.PolicyHolder:
-    value = agent.config.policy_file
-    if not value:
-        return policy.PolicyHolder()
-    try:
-        text, source = policy.load_source(value)
-        holder = policy.PolicyHolder(policy.parse(text, source))
-    except (OSError, policy.PolicyError) as exc:
-        message = exc.message if isinstance(exc, policy.PolicyError) else f"{value}: {exc.strerror}"
-        raise BootPolicyError(f"policy at boot: {message}") from None
-    log.info("policy loaded", extra={"fields": {"source": source, "rules": len(holder.current.rules)}})
-    return holder
-
-
-def _counts(agent: Agent) -> tuple[int, int]:
-    runtime = agent.runtime
-    if runtime is None or not hasattr(runtime, "ids"):
-        return 0, 0
-    ids = runtime.ids()
-    processes = 0
-    for cid in ids:
-        try:
-            c = runtime.get(cid)
-            processes += sum(1 for p in (c.init, *c.processes.values()) if p.running)
-        except Exception:  # noqa: BLE001 - a container going away while we count
-            continue
-    return len(ids), processes
-
-
-async def setup(agent: Agent) -> None:
-    agent.policy = boot_policy(agent)
-    agent.metrics = Metrics(counts=lambda: _counts(agent),
-                            uptime=lambda: time.monotonic() - agent.started_at)
 
 
 @rpc("SetPolicy")
@@ -144,8 +99,7 @@ async def resize_volume(agent: Agent, request: agent_pb2.ResizeVolumeRequest):
 @rpc("GetDiagnosticData")
 async def get_diagnostic_data(agent: Agent, request: agent_pb2.GetDiagnosticDataRequest):
     if request.container_id:
-        runtime = agent.runtime
-        if runtime is None or request.container_id not in runtime.ids():
+        if request.container_id not in agent.runtime.ids():
             raise NotFound(f"container_id: no container {request.container_id!r}")
     if not request.log_type:
         raise InvalidArgument(f"log_type: required; one of {', '.join(sorted(guest.DIAGNOSTICS))}")

@@ -11,16 +11,6 @@ from agent.protocols import agent_pb2
 from agent.rpc import rpc
 
 
-async def setup(agent: Agent) -> None:
-    agent.network = network.Netlink()
-
-
-async def teardown(agent: Agent) -> None:
-    if agent.network is not None:
-        await agent.network.close()
-        agent.network = None
-
-
 @rpc("UpdateInterface")
 async def update_interface(agent: Agent, request: agent_pb2.UpdateInterfaceRequest):
     if not request.HasField("interface"):

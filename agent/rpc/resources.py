@@ -19,14 +19,8 @@ log = logging.getLogger(__name__)
 EMPTY = empty_pb2.Empty
 
 
-def _runtime(agent):
-    if agent.runtime is None:
-        raise FailedPrecondition("the container runtime is not running")
-    return agent.runtime
-
-
 def _container(agent, request):
-    return _runtime(agent).get(check_id(request.container_id))
+    return agent.runtime.get(check_id(request.container_id))
 
 
 def _cgroup(container):
@@ -84,10 +78,7 @@ async def resume_container(agent, request):
 
 @rpc("GetOOMEvent")
 async def get_oom_event(agent, request):
-    manager = getattr(_runtime(agent), "cgroups", None)
-    if manager is None:
-        raise FailedPrecondition("cgroups are not available: no OOM events")
-    owner = await manager.next_oom_event()
+    owner = await agent.runtime.cgroups.next_oom_event()
     return agent_pb2.OOMEvent(container_id=owner)
 
 

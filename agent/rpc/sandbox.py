@@ -12,31 +12,10 @@ from google.protobuf import empty_pb2
 from agent.copyfile import copy_file, shared_root_for
 from agent.errors import InvalidArgument, NotFound
 from agent.rpc import rpc
-from agent.sandbox import Sandbox
 from agent.storage.syscalls import MNT_DETACH, MS_REMOUNT, mountinfo, parse_options, mount, umount
-from agent.uevent import UeventListener
 
 log = logging.getLogger(__name__)
 EMPTY = empty_pb2.Empty
-
-
-async def setup(agent) -> None:
-    listener = UeventListener()
-    try:
-        listener.start()
-    except OSError as exc:  # no netlink (unprivileged): device waits poll sysfs instead
-        log.warning("no uevent listener: %s", exc)
-        listener = None
-    agent.uevents = listener
-    agent.sandbox = Sandbox(agent)
-    agent.sandbox.bind_uevents(listener)
-
-
-async def teardown(agent) -> None:
-    if agent.sandbox is not None:
-        agent.sandbox.shutdown()
-    if agent.uevents is not None:
-        agent.uevents.stop()
 
 
 @rpc("CreateSandbox")
@@ -47,6 +26,7 @@ async def create_sandbox(agent, request):
 
 @rpc("DestroySandbox")
 async def destroy_sandbox(agent, request):
+    await agent.runtime.remove_all()
     await agent.sandbox.destroy()
     return EMPTY()
 

@@ -16,6 +16,7 @@ from typing import Any
 from agent import linux
 from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci import ContainerConfig, ProcessConfig
+from agent.runtime import cgroups as cgroups_mod
 from agent.runtime import seccomp
 from agent.runtime import spawner as spawner_mod
 from agent.runtime.reaper import REAPER, exit_code
@@ -23,13 +24,6 @@ from agent.stdio import Stdio
 from agent.undo import UndoStack
 
 log = logging.getLogger(__name__)
-
-try:
-    from agent.runtime import cgroups as cgroups_mod
-except ModuleNotFoundError as exc:  # written by another area; optional until it lands
-    if exc.name != "agent.runtime.cgroups":
-        raise
-    cgroups_mod = None
 
 KILL_WAIT = 10.0
 MAX_RETIRED = 32  # undrained finished execs kept per container
@@ -144,10 +138,8 @@ class Runtime:
         self.containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
         self._watchers: set[asyncio.Future] = set()
-        detect = getattr(cgroups_mod, "detect", None)  # None while that module is being written
-        self.cgroups = detect() if detect is not None else None
-        if self.cgroups is not None:
-            self.cgroups.keep(DEFAULT_CGROUP_PARENT)
+        self.cgroups = cgroups_mod.detect()
+        self.cgroups.keep(DEFAULT_CGROUP_PARENT)
 
     # --- lookup ---
     def get(self, cid: str) -> Container:
@@ -158,6 +150,12 @@ class Runtime:
 
     def ids(self) -> list[str]:
         return list(self.containers)
+
+    def counts(self) -> tuple[int, int]:
+        """Containers, and their processes still running (for the metrics)."""
+        running = sum(1 for c in self.containers.values()
+                      for p in (c.init, *c.processes.values()) if p.running)
+        return len(self.containers), running
 
     @contextlib.contextmanager
     def reserve(self, cid: str) -> Iterator[None]:
@@ -228,12 +226,10 @@ class Runtime:
         cgroup instead."""
         if not cfg.new_namespace(linux.CLONE_NEWPID):
             return False
-        layout = self.cgroups.layout if self.cgroups is not None else None
-        return layout is None or layout.v2 is None or layout.v2_dynmods
+        layout = self.cgroups.layout
+        return layout.v2 is None or layout.v2_dynmods
 
     def _create_cgroup(self, cfg: ContainerConfig, resources: Any, undo: UndoStack) -> Any:
-        if self.cgroups is None:
-            return None
         path = cfg.cgroups_path or f"{DEFAULT_CGROUP_PARENT}/{cfg.id}"
         cg = self.cgroups.create(path, resources, owner=cfg.id)
         undo.push("remove the cgroup", cg.destroy)
@@ -403,8 +399,7 @@ class Runtime:
                 log.exception("remove failed", extra={"fields": {"container_id": cid}})
 
     def close(self) -> None:
-        if self.cgroups is not None:
-            self.cgroups.close()
+        self.cgroups.close()
 
 
 def _cgroup_dirs(cg: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The spawner: a single-threaded process of its own that forks every container.
 
-``start_spawner(cfg)`` (called by agent.__main__) starts it as a fresh ``python -S`` with
+``start_spawner()`` (called by agent.__main__) starts it as a fresh ``python -S`` with
 posix_spawn, not as a fork of the agent, so it can be started again from the multi-threaded agent. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
 first fd being the child's end of a fresh per-request ``sync`` socketpair. The spawner forks an
 intermediate child that does the work (agent.runtime.child) and reports on ``sync``; the spawner
@@ -12,50 +12,27 @@ the request and becomes the container's init itself (no intermediate, no fork wh
 waits; see ``_serve``).
 
 Other areas run code in a forked child with ``await agent.spawner.run_task(name, args, fds)``;
-the function is registered with ``@task("name")`` in a module listed in TASK_MODULES.
+the functions are listed by name in agent.sandbox_tasks.TASKS.
 """
 
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from agent import boottrace, linux
+from agent import boottrace, linux, sandbox_tasks
 
-TASK_MODULES = ("agent.sandbox_tasks",)
-TASKS: dict[str, Callable[[dict, list[int], Callable[[dict], None]], Any]] = {}
 MAX_MESSAGE = 1 << 18
 MAX_FDS = 16
 
 
 class SpawnError(Exception):
     """The spawner or its child failed; the message is the child's own report."""
-
-
-def task(name: str):
-    def register(fn):
-        if name in TASKS:
-            raise RuntimeError(f"spawner task {name} registered twice")
-        TASKS[name] = fn
-        return fn
-
-    return register
-
-
-def _import_tasks() -> None:
-    for name in TASK_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
 
 
 # --- the spawner process ------------------------------------------------------------------------
@@ -187,7 +164,7 @@ def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidn
         elif op == "exec":
             child.spawn_exec(req, sync, fds, req.get("cgroup"))
         elif op == "task":
-            fn = TASKS.get(req["name"])
+            fn = sandbox_tasks.TASKS.get(req["name"])
             if fn is None:
                 child.fail(sync, f"no spawner task {req['name']!r}")
             child.spawn_task(fn, req["args"], sync, fds)
@@ -200,7 +177,7 @@ SPAWNER_FD = 3  # the spawner's end of the agent's socket for all requests
 INIT_FD = 4  # ... and of the one for CreateContainer in a new PID namespace
 
 
-def start_spawner(cfg: Any = None) -> "Spawner":
+def start_spawner() -> "Spawner":
     """Start the spawner: a fresh ``python -S`` that imports only what it needs.
 
     Started with posix_spawn, so it can also be restarted later from the multi-threaded agent
@@ -243,7 +220,6 @@ def main() -> None:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != int(sys.argv[1]):
             os._exit(0)  # the agent (possibly PID 1) died before PR_SET_PDEATHSIG took hold
-        _import_tasks()
         from agent.runtime import seccomp
 
         seccomp.preload()  # mapped before any child pivots into a rootfs without it

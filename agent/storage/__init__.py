@@ -1,7 +1,7 @@
-"""Storages: a registry of drivers keyed by driver name, and refcounted mounts per mount point.
+"""Storages: drivers keyed by driver name, and refcounted mounts per mount point.
 
 A Storage names a driver (``virtio-fs``, ``9p``, ``blk``, ``mmioblk``, ``scsi``, ``nvdimm``,
-``ephemeral``, ``local``, ``overlayfs``, and our own ``bind``), a source, options and a
+``ephemeral``, ``local``, ``overlayfs``, and our own ``bind``; the table is agent.storage.drivers), a source, options and a
 mount point that must lie under /run/kata-containers/. Every storage of a request is checked
 before anything is mounted. Mounts are shared: the same mount point requested again (a second
 container) takes a reference; the mount goes away with the last reference.
@@ -10,7 +10,6 @@ container) takes a reference; the mount goes away with the last reference.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import shutil
@@ -19,14 +18,11 @@ from typing import Any, Protocol
 
 from agent.errors import InvalidArgument
 from agent.storage import paths
+from agent.storage.drivers import DRIVERS
 from agent.storage.fsgroup import apply_fs_group
 from agent.storage.syscalls import MNT_DETACH, MS_RDONLY, mounts_under, parse_options, umount
 
 log = logging.getLogger(__name__)
-
-DRIVER_MODULES = ("virtiofs", "ninep", "blk", "mmioblk", "scsi", "nvdimm", "ephemeral", "local",
-                  "overlayfs", "bind")
-
 
 @dataclass
 class MountContext:
@@ -46,24 +42,6 @@ class Driver(Protocol):
 
     async def mount(self, ctx: MountContext, storage, target: str, what: str) -> list[str] | None:
         """Mount onto ``target``; returns directories it created elsewhere (removed at release)."""
-
-
-DRIVERS: dict[str, Driver] = {}
-
-
-def driver(cls):
-    """Class decorator: register one instance under ``cls.name``."""
-    inst = cls()
-    if inst.name in DRIVERS:
-        raise RuntimeError(f"storage driver {inst.name} registered twice")
-    DRIVERS[inst.name] = inst
-    return cls
-
-
-def load_drivers() -> dict[str, Driver]:
-    for name in DRIVER_MODULES:
-        importlib.import_module(f"{__name__}.{name}")
-    return DRIVERS
 
 
 @dataclass
@@ -88,7 +66,6 @@ class StorageManager:
         self.ctx = ctx
         self.mounts: dict[str, Mounted] = {}
         self._lock = asyncio.Lock()  # one mount at a time: two users of a mount point share it
-        load_drivers()
 
     def target_of(self, storage, what: str) -> str:
         mapped = paths.map_run_dir(storage.mount_point, self.ctx.run_dir)

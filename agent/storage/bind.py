@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 
 from agent.errors import InvalidArgument
-from agent.storage import driver
 from agent.storage.base import MountDriver
 from agent.storage.syscalls import mount_bind
 
 
-@driver
 class Bind(MountDriver):
     name = "bind"
 

@@ -5,11 +5,9 @@ A PCI path makes the agent rescan the bus and wait for a block device below that
 
 from __future__ import annotations
 
-from agent.storage import driver
 from agent.storage.base import BlockDriver
 
 
-@driver
 class Blk(BlockDriver):
     name = "blk"
     device_type = "blk"

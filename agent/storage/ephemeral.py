@@ -4,13 +4,11 @@ with e.g. ``pagesize=2M`` in options)."""
 from __future__ import annotations
 
 from agent.errors import InvalidArgument
-from agent.storage import driver
 from agent.storage.base import MountDriver
 
 FSTYPES = ("tmpfs", "hugetlbfs")
 
 
-@driver
 class Ephemeral(MountDriver):
     name = "ephemeral"
     default_fstype = "tmpfs"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from agent.errors import InvalidArgument
-from agent.storage import driver
 
 DEFAULT_MODE = 0o777
 
@@ -27,7 +26,6 @@ def _mode(storage, what: str) -> int:
     return mode
 
 
-@driver
 class Local:
     name = "local"
     mounts = False

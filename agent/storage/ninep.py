@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from agent.storage import driver
 from agent.storage.base import MountDriver, add_data
 
 DEFAULT_MSIZE = 8192
 
 
-@driver
 class NineP(MountDriver):
     name = "9p"
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from agent.storage import driver
 from agent.storage.base import BlockDriver, add_data
 
 
-@driver
 class Nvdimm(BlockDriver):
     name = "nvdimm"
     device_type = "nvdimm"

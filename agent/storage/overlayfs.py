@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from agent.errors import InvalidArgument
-from agent.storage import driver, paths
+from agent.storage import paths
 from agent.storage.base import MountDriver
 from agent.storage.syscalls import MountOptions, mount
 
@@ -37,7 +37,6 @@ def _layers(ctx, opts: MountOptions, what: str) -> tuple[dict[str, list[str]], l
     return layers, rest
 
 
-@driver
 class Overlay(MountDriver):
     name = "overlayfs"
 

@@ -3,11 +3,9 @@ it, then waits for the block device at ``0:0:target:lun``."""
 
 from __future__ import annotations
 
-from agent.storage import driver
 from agent.storage.base import BlockDriver
 
 
-@driver
 class Scsi(BlockDriver):
     name = "scsi"
     device_type = "scsi"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from agent.storage import driver
 from agent.storage.base import MountDriver
 
 
-@driver
 class VirtioFs(MountDriver):
     name = "virtio-fs"
     default_fstype = "virtiofs"

@@ -31,9 +31,9 @@ def test_contract_has_every_method():
 def test_every_contract_method_has_a_handler():
     """A method without a handler would answer UNIMPLEMENTED (tests/unit/test_service.py); none of
     Kata's is left to that."""
-    from agent import rpc
+    from agent import wiring
 
-    assert sorted(set(load_contract()["services"]["grpc.AgentService"]) - set(rpc.load_all())) == []
+    assert sorted(set(load_contract()["services"]["grpc.AgentService"]) - set(wiring.all_handlers())) == []
 
 
 def test_differences_reports_changes():
