@@ -17,15 +17,16 @@ import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError, AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.protocols import types_pb2
 from agent.runtime import command
 from agent.undo import UndoStack
+
+if TYPE_CHECKING:  # pyroute2 is imported by the netlink thread on the first network RPC (9 MB, 1-2 s in a TCG guest)
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
 T = TypeVar("T")
 
@@ -47,13 +48,17 @@ IPV6_LINK_LOCAL = ipaddress.ip_network("fe80::/64")
 class Netlink:
     """One thread that owns an rtnetlink socket; ``run(fn, *args)`` calls ``fn(ipr, *args)`` there."""
 
-    def __init__(self, factory: Callable[[], IPRoute] = IPRoute) -> None:
+    def __init__(self, factory: Callable[[], IPRoute] | None = None) -> None:
         self._factory = factory
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
         self._ipr: IPRoute | None = None
 
     def _call(self, fn: Callable[..., T], args: tuple, kwargs: dict[str, Any]) -> T:
         if self._ipr is None:
+            if self._factory is None:
+                from pyroute2 import IPRoute
+
+                self._factory = IPRoute
             self._ipr = self._factory()
         return fn(self._ipr, *args, **kwargs)
 
@@ -69,6 +74,12 @@ class Netlink:
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
+
+
+def _netlink_error_type() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError
 
 
 def netlink_error(what: str, exc: NetlinkError) -> AgentError:
@@ -89,7 +100,7 @@ async def step(nl: Netlink, what: str, fn: Callable[..., T], *args: Any, **kwarg
     """Run one netlink step; a kernel refusal becomes an error naming ``what``."""
     try:
         return await nl.run(fn, *args, **kwargs)
-    except NetlinkError as exc:
+    except _netlink_error_type() as exc:  # evaluated only when a step fails
         raise netlink_error(what, exc) from None
 
 
