@@ -10,15 +10,15 @@ from tests.support import ROOT
 
 IDLE = """
 import asyncio, sys
-import agent.__main__, agent.server
-from agent import rpc
+import agent.__main__
+from agent import wiring
 from agent.metrics import Metrics
 from agent.network import Netlink
-rpc.load_all()
-m = Metrics()
+wiring.all_handlers()
+m = Metrics()  # as wiring.build makes them
 m.observe_rpc("ListRoutes", "OK", 0.002)
 async def netlink():
-    Netlink()  # made by the network area's setup
+    Netlink()
 asyncio.run(netlink())
 print(" ".join(sorted(sys.modules)))
 """
