@@ -24,10 +24,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    """A listen or dial address: ``vsock://CID:PORT``, ``tcp://HOST:PORT``, ``unix:///path``, ``unix://@name``."""
+    """A listen or dial address: ``vsock://CID:PORT``, ``tcp://HOST:PORT``, ``unix:///path``,
+    ``unix://@name`` or ``serial:///path``.
 
-    scheme: str  # "vsock" | "tcp" | "unix"
-    host: str = ""  # tcp host, or the unix path / abstract name
+    ``serial://`` is a virtio-serial channel: in the guest the port's device
+    (``/dev/virtio-ports/NAME``), on the host the unix socket of QEMU's chardev behind it.
+    """
+
+    scheme: str  # "vsock" | "tcp" | "unix" | "serial"
+    host: str = ""  # tcp host, or the unix / serial path, or the abstract name
     port: int = 0
     cid: int = 0
     abstract: bool = False
@@ -39,6 +44,8 @@ class Address:
             return f"{host}:{self.port}"
         if self.scheme == "unix":
             return f"unix-abstract:{self.host}" if self.abstract else f"unix:{self.host}"
+        if self.scheme == "serial":  # the host's end: QEMU's chardev socket
+            return f"unix:{self.host}"
         return f"vsock:{self.cid}:{self.port}"
 
     def __str__(self) -> str:
@@ -47,6 +54,8 @@ class Address:
             return f"tcp://{host}:{self.port}"
         if self.scheme == "unix":
             return f"unix://@{self.host}" if self.abstract else f"unix://{self.host}"
+        if self.scheme == "serial":
+            return f"serial://{self.host}"
         cid = -1 if self.cid == VMADDR_CID_ANY else self.cid
         return f"vsock://{cid}:{self.port}"
 
@@ -60,7 +69,7 @@ def _port(text: str, addr: str) -> int:
 def parse_address(addr: str) -> Address:
     scheme, sep, rest = addr.partition("://")
     if not sep:
-        raise ConfigError(f"{addr!r}: expected vsock://CID:PORT, tcp://HOST:PORT or unix:///PATH")
+        raise ConfigError(f"{addr!r}: expected vsock://CID:PORT, tcp://HOST:PORT, unix:///PATH or serial:///PATH")
     if scheme == "vsock":
         cid, sep, port = rest.rpartition(":")
         if not sep or not re.fullmatch(r"-1|\d+", cid):
@@ -81,7 +90,12 @@ def parse_address(addr: str) -> Address:
         if rest.startswith("/") and "\0" not in rest:
             return Address("unix", host=rest)
         raise ConfigError(f"{addr!r}: expected unix:///ABSOLUTE/PATH or unix://@NAME")
-    raise ConfigError(f"{addr!r}: unknown scheme {scheme!r} (vsock, tcp or unix)")
+    if scheme == "serial":
+        if rest.startswith("/") and len(rest) > 1 and "\0" not in rest:
+            return Address("serial", host=rest)
+        raise ConfigError(f"{addr!r}: expected serial:///dev/virtio-ports/NAME (or, on the host, "
+                          f"serial:///PATH/OF/THE/CHARDEV/SOCKET)")
+    raise ConfigError(f"{addr!r}: unknown scheme {scheme!r} (vsock, tcp, unix or serial)")
 
 
 def agent_keys(cmdline: dict[str, str]) -> dict[str, str]:

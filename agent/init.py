@@ -43,7 +43,8 @@ __all__ = ["read_cmdline", "pid1_setup", "poweroff", "shutdown", "load_modules",
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Drivers loaded at boot: device drivers must be present before the devices can be used; file
-# systems and link types are autoloaded by the kernel on first use.
+# systems and link types are autoloaded by the kernel on first use. Not vsock_loopback: with it, a
+# process in a container could connect to the agent's vsock port through CID 1.
 BOOT_MODULES = (
     "virtio_pci",
     "virtio_mmio",
@@ -52,7 +53,6 @@ BOOT_MODULES = (
     "virtio_blk",
     "virtio_scsi",
     "virtio_console",
-    "vsock_loopback",
     "vmw_vsock_virtio_transport",
     "virtiofs",
     "overlay",

@@ -1,12 +1,13 @@
 """The agent's listeners: every address serves ttrpc and gRPC, told apart by a connection's first bytes.
 
-    listener (vsock | tcp | unix) --first byte 0x00------------> ttrpc (agent.ttrpc, this event loop)
-                                 \\--"PRI * HTTP/2.0" preface--> relayed to grpcio's private socket
+    listener (vsock | tcp | unix | serial) --first byte 0x00-------------> ttrpc (agent.ttrpc, this loop)
+                                          \\--"PRI * HTTP/2.0" preface--> relayed to grpcio's socket
 
 A ttrpc frame starts with the high byte of its length, 0 for any frame under 16 MiB; an HTTP/2
 connection starts with its fixed preface. Anything else, or a preface begun but not completed
 within SNIFF_SECONDS, closes that connection and nothing else. (A client may connect and stay
-silent: pools open connections before their first call.)
+silent: pools open connections before their first call.) A virtio-serial port (agent.serial) is a
+listener with one connection at a time: each host connection is a session that is sniffed alike.
 
 grpcio is started on the first gRPC connection (agent.grpc_server), listening on a unix socket in
 a root-only directory of the run dir; the listeners relay gRPC connections to it byte for byte.
@@ -23,6 +24,7 @@ import socket
 import stat
 
 from agent.config import Address
+from agent.serial import SerialPort
 from agent.service import Services
 from agent.ttrpc import ServerConnection
 from agent.vsock import vsock_listener
@@ -95,8 +97,9 @@ def private_socket_path(run_dir: str, name: str) -> str:
 class _Sniffer(asyncio.Protocol):
     """Holds a new connection's first bytes until they name its protocol, then hands it over."""
 
-    def __init__(self, front: "Front") -> None:
+    def __init__(self, front: "Front", serial: bool = False) -> None:
         self.front = front
+        self.serial = serial
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -107,7 +110,7 @@ class _Sniffer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         if self.buf[0] == 0:
-            self._switch(self.front.ttrpc_connection())
+            self._switch(self.front.ttrpc_connection(restarts=self.serial))
         elif self.buf[:len(HTTP2_PREFACE)] == HTTP2_PREFACE[:len(self.buf)]:
             if len(self.buf) >= len(HTTP2_PREFACE):
                 self._switch(_GrpcPipe(self.front))
@@ -217,11 +220,18 @@ class Front:
         self.servers: list[asyncio.AbstractServer] = []
         self.conns: set[ServerConnection] = set()
         self.pipes: set[_GrpcPipe] = set()
+        self.ports: list[SerialPort] = []
         self._grpc = None
         self._grpc_path = ""
         self._grpc_start: asyncio.Task | None = None
 
     async def listen(self, addr: Address) -> Address:
+        if addr.scheme == "serial":
+            try:
+                self.serve_serial(addr.host)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+            return addr
         sock = listen_socket(addr)
         try:
             bound = bound_address(addr, sock)
@@ -232,8 +242,16 @@ class Front:
             raise
         return bound
 
-    def ttrpc_connection(self) -> ServerConnection:
-        conn = ServerConnection(self.services.dispatch, on_close=lambda: self.conns.discard(conn))
+    def serve_serial(self, path: str, fd: int = -1) -> SerialPort:
+        """Serve the virtio-serial port at ``path`` (or already open as ``fd``)."""
+        port = SerialPort(path, lambda: _Sniffer(self, serial=True), fd=fd)
+        port.start()
+        self.ports.append(port)
+        return port
+
+    def ttrpc_connection(self, restarts: bool = False) -> ServerConnection:
+        conn = ServerConnection(self.services.dispatch, on_close=lambda: self.conns.discard(conn),
+                                restarts=restarts)
         self.conns.add(conn)
         return conn
 
@@ -258,6 +276,8 @@ class Front:
     async def close(self) -> None:
         for server in self.servers:
             server.close()
+        for port in self.ports:
+            await port.close()
         for conn in list(self.conns):
             conn.close()
         for pipe in list(self.pipes):

@@ -125,10 +125,16 @@ class ServerConnection(asyncio.Protocol):
     the loop time by which the client gives up (None: no deadline). A task still running when the
     deadline passes is cancelled and answered DEADLINE_EXCEEDED; when the connection closes, its
     tasks are cancelled.
+
+    ``restarts``: the byte stream outlives its clients (a virtio-serial port), so a request on
+    stream 1 after others means a new client: what the old one left running is cancelled and
+    stream ids count anew.
     """
 
-    def __init__(self, dispatch: Dispatch, name: str = "ttrpc", on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, dispatch: Dispatch, name: str = "ttrpc", on_close: Callable[[], None] | None = None,
+                 restarts: bool = False) -> None:
         self.dispatch = dispatch
+        self.restarts = restarts
         self.name = name
         self.on_close = on_close
         self.transport: asyncio.Transport | None = None
@@ -146,6 +152,8 @@ class ServerConnection(asyncio.Protocol):
         for stream_id, kind, body in self.frames.feed(data):
             if kind != REQUEST:
                 continue  # responses and stream data have no meaning for a unary server
+            if self.restarts and stream_id == 1 and self.last_stream >= 1:
+                self._new_client()
             if body is None:
                 self._answer(stream_id, Code.RESOURCE_EXHAUSTED,
                              f"message of stream {stream_id} exceeds the maximum of {MAX_DATA} bytes")
@@ -162,6 +170,12 @@ class ServerConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # the client is done sending: close, which cancels what still runs
+
+    def _new_client(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+        self.last_stream = 0
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -214,7 +228,8 @@ class ServerConnection(asyncio.Protocol):
             log.exception("ttrpc dispatch failed", extra={"fields": {"method": request.method}})
             reply = response(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
         finally:
-            self.tasks.pop(stream_id, None)
+            if self.tasks.get(stream_id) is asyncio.current_task():  # not a new client's stream
+                del self.tasks[stream_id]
         await self._send(stream_id, reply)
 
     def _answer(self, stream_id: int, code: Code, message: str) -> None:

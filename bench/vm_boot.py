@@ -181,7 +181,8 @@ def rss(g: Guest) -> dict[str, int]:
 
 def guest_for(arch: str, v: Variant, a, **extra) -> Guest:
     cmdline = " ".join(x for x in ("agent.stub" if v.stub else "", v.cmdline) if x)
-    return Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True, probe=v.probe,
+    # TCP for every variant: the bare stub server has no other channel, and one channel keeps it fair
+    return Guest(arch=arch, accel=a.accel, machine=a.machine, cpu=a.cpu, debug_console=True, probe=v.probe, channel="tcp",
                  cmdline=cmdline, image=v.image, name=f"bench-{arch}-{v.name}", boot_timeout=300, **extra)
 
 

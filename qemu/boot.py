@@ -2,11 +2,16 @@
 """Boot the guest and print the agent's address once Health.Check answers.
 
     python3 qemu/boot.py [--arch x86_64|aarch64] [--accel auto|kvm|tcg] [--machine microvm|q35]
-                         [--share DIR] [--debug-console] [--foreground] [--timeout S]
+                         [--share DIR] [--debug-console] [--channel auto|vsock|serial|tcp]
+                         [--foreground] [--timeout S]
     python3 qemu/boot.py --stop          # stop the guest named in the address file
     python3 qemu/boot.py --status        # print the address file
     python3 qemu/boot.py --template      # make the template that later boots start from
     python3 qemu/boot.py --cold          # boot from scratch even when a template is there
+
+The agent's channel: vsock where this host has /dev/vhost-vsock, else a virtio-serial port behind
+a 0600 unix socket in the guest's run directory (the address is then serial:///.../agent.sock).
+--channel tcp forwards the agent's TCP port to 127.0.0.1 instead, for tools that need TCP.
 
 A template (qemu/template.py) is one guest booted to "agent ready" and saved: its RAM in a file on
 tmpfs and its device state (default $KATA_TEMPLATE_DIR or /dev/shm/kata-agent-py/templates/
@@ -47,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", type=Path, default=None, help="host dir shared over virtio-fs (tag kataShared)")
     p.add_argument("--no-virtiofs", action="store_true")
     p.add_argument("--debug-console", action="store_true", help="shell on the serial console")
+    p.add_argument("--channel", default="auto", choices=["auto", "vsock", "serial", "tcp"],
+                   help="the agent's channel (default: vsock if /dev/vhost-vsock exists, else serial)")
     p.add_argument("--cmdline", default="", help="extra kernel command line")
     p.add_argument("--timeout", type=float, default=120.0, help="boot timeout, seconds")
     p.add_argument("--addr-file", type=Path, default=default_addr_file())
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     def guest(**extra) -> Guest:
         return Guest(arch=a.arch, accel=a.accel, machine=a.machine, cpu=a.cpu, memory=a.memory, smp=a.smp,
                      image=a.image, share_dir=a.share, debug_console=a.debug_console, cmdline=a.cmdline,
+                     channel=a.channel,
                      boot_timeout=a.timeout, **extra)
 
     tdir = a.template_dir or default_template_dir(a.arch, a.machine)

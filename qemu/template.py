@@ -112,7 +112,7 @@ def template_key(guest: "Guest", accel: str) -> str:
         "arch": guest.arch, "accel": accel, "machine": guest.machine_type, "cpu": guest.cpu_model(accel),
         "memory": guest.memory_size, "smp": guest.vcpus, "maxcpus": guest.maxcpus,
         "debug_console": guest.debug_console, "cmdline": guest.cmdline, "extra_args": guest.extra_args,
-        "kernel": m["kernel"]["sha256"], "initrd": m["initrd"]["sha256"],
+        "channel": guest.agent_channel, "kernel": m["kernel"]["sha256"], "initrd": m["initrd"]["sha256"],
     }
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -236,15 +236,14 @@ def refresh_identity(addr: str, timeout: float = 1.0) -> bool:
     renews its machine-id) and the time of day, on one ttrpc connection. The restore's readiness
     probe too (nothing reaches the guest before it has its own entropy): False while the agent
     cannot be reached, an exception when it refuses."""
-    import socket
-
     from agent import ttrpc
+    from agent.config import parse_address
     from agent.errors import Code
     from agent.protocols import agent_pb2
+    from kata_agent_client.dial import dial
 
-    host, _, port = addr.removeprefix("tcp://").rpartition(":")
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock = dial(parse_address(addr), timeout=timeout)
     except OSError:
         return False
     client = ttrpc.Client(sock)

@@ -2,7 +2,7 @@
 
     from qemu.vm import Guest
     with Guest(arch="x86_64") as g:      # start(): boots, returns once Health.Check answers
-        print(g.addr)                    # "tcp://127.0.0.1:PORT"
+        print(g.addr)                    # "serial:///run/.../agent.sock" on a host without vhost-vsock
         g.qmp("query-status")
     # stop(): QMP quit (after a grace period if the guest is already powering off), then kill
 
@@ -11,10 +11,13 @@ come up (on hosts whose /dev/kvm is a paravirtual module a stock kernel dies or 
 machine "microvm" with the uncompressed PVH kernel and a raw cpio boots fastest, "q35" has PCI
 (hotplug through QMP). aarch64: "virt" under TCG, -cpu cortex-a72.
 
-Networking is QEMU user mode with restrict=on: the guest reaches nothing; the agent's port 1024
-is forwarded to 127.0.0.1:<free port>. A host directory is shared over virtio-fs (tag
-"kataShared") when /usr/lib/qemu/virtiofsd exists. vhost-vsock-pci is added when /dev/vhost-vsock
-exists. Every process started here is tracked by pid and killed by pid.
+The agent's channel (``channel``): vsock where the host has /dev/vhost-vsock, else a virtio-serial
+port (``agent.channel.0``) behind a unix socket in the run directory; TCP (port 1024 forwarded to
+127.0.0.1:<free port>) only when asked for with ``channel="tcp"``. The guest agent listens only
+where the kernel command line says. Networking is QEMU user mode with restrict=on: the guest
+reaches nothing. The run directory is 0700 and the sockets QEMU and virtiofsd make in it are 0600.
+A host directory is shared over virtio-fs (tag "kataShared") when /usr/lib/qemu/virtiofsd exists.
+Every process started here is tracked by pid and killed by pid.
 
 ``Guest(template=DIR)`` starts from a template (qemu/template.py: one guest saved at "agent ready")
 instead of booting: its device state is loaded and its RAM mapped copy-on-write; the first RPC is
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -42,6 +46,9 @@ IMAGE_ROOT = Path(os.environ.get("KATA_GUEST_OUT", REPO / "guest-image" / "out")
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/bin/virtiofsd")
 AGENT_PORT = 1024
 SHARE_TAG = "kataShared"
+SERIAL_PORT_NAME = "agent.channel.0"
+CHANNELS = ("auto", "vsock", "serial", "tcp")
+PRIVATE_UMASK = 0o177  # sockets QEMU and virtiofsd create: 0600
 
 
 def runtime_dir() -> Path:
@@ -110,7 +117,9 @@ def health_check(addr: str, timeout: float = 2.0, proto: str = "ttrpc") -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ch = grpc.insecure_channel(addr.removeprefix("tcp://"), options=[("grpc.enable_retries", 0)])
+    from agent.config import parse_address
+
+    ch = grpc.insecure_channel(parse_address(addr).grpc_target(), options=[("grpc.enable_retries", 0)])
     try:
         resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         return resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -122,11 +131,12 @@ def health_check(addr: str, timeout: float = 2.0, proto: str = "ttrpc") -> bool:
 
 def _ttrpc_health(addr: str, timeout: float) -> bool:
     from agent import ttrpc
+    from agent.config import parse_address
     from agent.protocols import health_pb2
+    from kata_agent_client.dial import dial
 
-    host, _, port = addr.removeprefix("tcp://").rpartition(":")
     try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
+        sock = dial(parse_address(addr), timeout=timeout)
     except OSError:
         return False
     client = ttrpc.Client(sock)
@@ -156,6 +166,8 @@ class Guest:
     share_dir: Path | None = None       # host directory shared over virtio-fs
     virtiofs: bool | None = None        # None: whenever virtiofsd exists
     debug_console: bool = False
+    channel: str = "auto"               # the agent's: auto (vsock if the host has it, else serial) | vsock | serial | tcp
+    netns: str = ""                     # run QEMU in this network namespace (its tap devices live there)
     cmdline: str = ""                   # extra kernel command line
     extra_args: list[str] = field(default_factory=list)  # extra QEMU arguments (e.g. root ports)
     template: Path | None = None        # start from this template (qemu.template) instead of booting
@@ -168,7 +180,8 @@ class Guest:
     name: str = "guest"
     # filled by start()
     addr: str = ""
-    port: int = 0
+    port: int = 0                       # the hostfwd port (channel tcp)
+    cid: int = 0                        # the guest's vsock CID (channel vsock)
     used_accel: str = ""
     boot_seconds: float = 0.0
     restored: bool = False              # started from a template ...
@@ -205,6 +218,39 @@ class Guest:
     def virtiofs_socket(self) -> Path:
         assert self.run_dir
         return self.run_dir / "virtiofsd.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The host end of the agent's virtio-serial channel."""
+        assert self.run_dir
+        return self.run_dir / "agent.sock"
+
+    @property
+    def agent_channel(self) -> str:
+        """The channel the agent is reached on: ``channel`` with auto resolved."""
+        if self.channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, not {self.channel!r}")
+        if self.channel != "auto":
+            return self.channel
+        return "vsock" if os.path.exists("/dev/vhost-vsock") else "serial"
+
+    def _channel_cmdline(self) -> str:
+        """Where the agent listens: vsock (its default) and nothing else unless the channel needs it.
+        The TCP guest keeps vsock too, for the in-guest vsock tests."""
+        channel = self.agent_channel
+        if channel == "serial":
+            return f"agent.server_addr=serial:///dev/virtio-ports/{SERIAL_PORT_NAME}"
+        if channel == "tcp":
+            return f"agent.server_addr=tcp://0.0.0.0:{AGENT_PORT},vsock://-1:{AGENT_PORT}"
+        return ""
+
+    def _channel_addr(self) -> str:
+        channel = self.agent_channel
+        if channel == "serial":
+            return f"serial://{self.agent_socket}"
+        if channel == "tcp":
+            return f"tcp://127.0.0.1:{self.port}"
+        return f"vsock://{self.cid}:{AGENT_PORT}"
 
     @property
     def probe_proto(self) -> str:
@@ -256,7 +302,7 @@ class Guest:
         mmio = machine == "microvm"
         dev = (lambda d: f"{d}-device") if mmio else (lambda d: f"{d}-pci")
         append = [f"console={console}", "reboot=t" if self.arch == "x86_64" else "", "panic=-1",
-                  "loglevel=4", "agent.log=info"]
+                  "loglevel=4", "agent.log=info", self._channel_cmdline()]
         if self.arch == "x86_64":
             khz = host_tsc_khz()
             if khz and accel == "tcg":
@@ -280,7 +326,8 @@ class Guest:
                 "-kernel", kernel, "-initrd", initrd, "-append", " ".join(a for a in append if a),
                 "-serial", f"file:{self.console_log}",
                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-                "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:{AGENT_PORT}",
+                "-netdev", "user,id=net0,restrict=on" + (
+                    f",hostfwd=tcp:127.0.0.1:{self.port}-:{AGENT_PORT}" if self.agent_channel == "tcp" else ""),
                 "-device", f"{dev('virtio-net')},netdev=net0",
                 "-device", dev("virtio-rng"),
                 "-pidfile", str(self.run_dir / "qemu.pid")]
@@ -292,14 +339,22 @@ class Guest:
         if virtiofs:
             argv += ["-chardev", f"socket,id=vfs,path={self.virtiofs_socket}",
                      "-device", f"{dev('vhost-user-fs')},chardev=vfs,tag={SHARE_TAG},queue-size=1024"]
+        serial = self.agent_channel == "serial"
+        if self.debug_console or serial:  # one virtio-serial controller; the console port first (hvc0)
+            argv += ["-device", dev("virtio-serial")]
         if self.debug_console:
             argv += ["-chardev", f"socket,id=shell,path={self.shell_socket},server=on,wait=off",
-                     "-device", dev("virtio-serial"), "-device", "virtconsole,chardev=shell"]
+                     "-device", "virtconsole,chardev=shell"]
+        if serial:
+            argv += ["-chardev", f"socket,id=agent,path={self.agent_socket},server=on,wait=off",
+                     "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
         if self._templated and machine == "q35":  # a free slot for virtio-fs after a restore
             argv += ["-device", f"pcie-root-port,id={FS_PORT},bus=pcie.0,chassis=30,addr=0x1e"]
         argv += list(self.extra_args)
-        if os.path.exists("/dev/vhost-vsock") and not mmio:
-            argv += ["-device", f"vhost-vsock-pci,guest-cid={3 + self.port}"]
+        if self.agent_channel == "vsock":
+            argv += ["-device", f"{dev('vhost-vsock')},guest-cid={self.cid}"]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         return argv
 
     # ------------------------------------------------------------------ lifecycle
@@ -312,7 +367,8 @@ class Guest:
         self.virtiofsd_proc = subprocess.Popen(
             [binary, f"--socket-path={self.virtiofs_socket}", "-o", f"source={self.share_dir}",
              "-o", "cache=auto"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            umask=PRIVATE_UMASK)
         log.close()
         deadline = time.monotonic() + 5
         while not self.virtiofs_socket.exists():
@@ -325,9 +381,11 @@ class Guest:
 
     def _boot_once(self, accel: str, timeout: float) -> bool:
         """One QEMU start; True once Health.Check answers, False if QEMU died or timed out."""
-        self.port = free_port()
-        self.addr = f"tcp://127.0.0.1:{self.port}"
-        for p in (self.qmp_socket, self.console_log, self.virtiofs_socket, self.shell_socket):
+        self.port = free_port() if self.agent_channel == "tcp" else 0
+        if self.agent_channel == "vsock" and not self.cid:
+            self.cid = secrets.randbelow(1 << 30) + 3
+        self.addr = self._channel_addr()
+        for p in (self.qmp_socket, self.console_log, self.virtiofs_socket, self.shell_socket, self.agent_socket):
             p.unlink(missing_ok=True)
         if self.template is not None:
             return self._restore_once(accel, timeout)
@@ -350,7 +408,7 @@ class Guest:
         qlog = open(self.run_dir / "qemu.log", "wb")
         t0 = self.launched_at = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, pass_fds=pass_fds,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE_UMASK)
         qlog.close()
         if after is not None:
             after()
@@ -450,6 +508,7 @@ class Guest:
             self._own_run_dir = True
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)  # its sockets reach the agent, QEMU's monitor and the shared files
         if self.share_dir is None:
             self.share_dir = self.run_dir / "shared"
         Path(self.share_dir).mkdir(parents=True, exist_ok=True)
@@ -510,7 +569,15 @@ class Guest:
         """Run one QMP command on a fresh connection; returns its "return" value."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(10)
-            s.connect(str(self.qmp_socket))
+            deadline = time.monotonic() + 2
+            while True:  # the socket file exists a moment before QEMU listens on it
+                try:
+                    s.connect(str(self.qmp_socket))
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
             f = s.makefile("rwb")
 
             def recv() -> dict:

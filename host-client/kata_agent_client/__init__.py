@@ -1,3 +1,10 @@
-"""Host-side client for the Kata-style guest agent: connect over tcp://, unix:// or vsock://."""
+"""Host-side client for the Kata-style guest agent: connect over vsock://, serial://, tcp:// or unix://."""
 
-from kata_agent_client.client import AgentClient, connect  # noqa: F401
+
+def __getattr__(name: str):
+    # lazily, so that ``kata_agent_client.dial`` can be used without importing grpcio
+    if name in ("AgentClient", "connect"):
+        from kata_agent_client import client
+
+        return getattr(client, name)
+    raise AttributeError(name)

@@ -32,7 +32,8 @@ def default_addr() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kata-agent-ctl", description="Drive a Kata-style guest agent.")
-    p.add_argument("--addr", help="agent address: tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT "
+    p.add_argument("--addr", help="agent address: vsock://CID:PORT, serial:///PATH (QEMU's chardev socket), "
+                                  "tcp://HOST:PORT, unix:///PATH "
                                   f"(default ${ADDR_ENV}, or the guest started by qemu/)")
     p.add_argument("--proto", choices=PROTOCOLS, default="ttrpc",
                    help="wire protocol (default ttrpc, as Kata's shims; the agent serves both)")

@@ -7,7 +7,6 @@ both on every address. Either way a failed call raises ``grpc.RpcError`` with ``
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
@@ -16,8 +15,9 @@ import grpc
 from google.protobuf import json_format, message_factory
 
 from agent import ttrpc
-from agent.config import Address, parse_address
+from agent.config import parse_address
 from agent.protocols import agent_pb2, health_pb2
+from kata_agent_client.dial import SERIAL_GAP, keep_serial_gap, dial, serial_hung_up  # noqa: F401
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -38,25 +38,6 @@ class TtrpcError(grpc.RpcError):
 
     def details(self) -> str:
         return self._details
-
-
-def dial(addr: Address, timeout: float | None = None) -> socket.socket:
-    """A connected stream socket to ``addr``."""
-    if addr.scheme == "tcp":
-        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    elif addr.scheme == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        sock.connect("\0" + addr.host if addr.abstract else addr.host)
-    elif addr.scheme == "vsock":
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        sock.connect((addr.cid, addr.port))
-    else:
-        raise ValueError(f"{addr}: cannot dial scheme {addr.scheme!r}")
-    sock.settimeout(None)
-    return sock
 
 
 class _TtrpcChannel:
@@ -129,6 +110,8 @@ class AgentClient:
         if proto == "grpc":
             from agent.protocols import agent_pb2_grpc, health_pb2_grpc
 
+            if self.addr.scheme == "serial":
+                keep_serial_gap(self.addr.host)
             self.channel = grpc.insecure_channel(self.addr.grpc_target(), options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -142,6 +125,8 @@ class AgentClient:
 
     def close(self) -> None:
         self.channel.close()
+        if self.proto == "grpc" and self.addr.scheme == "serial":
+            serial_hung_up(self.addr.host)
 
     def __enter__(self) -> "AgentClient":
         return self

@@ -70,7 +70,9 @@ def _boot(arch: str, tmp_root: Path) -> Guest:
         pass  # TCG needs no privileges; building the image does (documented in build.sh)
     _ensure_image(arch)
     extra = "agent.stub" if os.environ.get("KATA_VM_STUB") == "1" else ""
-    g = Guest(arch=arch, accel=os.environ.get("KATA_VM_ACCEL", "auto"), debug_console=True,
+    # TCP: the session's tests open several connections at once (a serial channel takes one);
+    # tests/vm/test_channel.py covers the serial channel, the default on this host.
+    g = Guest(arch=arch, accel=os.environ.get("KATA_VM_ACCEL", "auto"), debug_console=True, channel="tcp",
               cmdline=extra, run_dir=tmp_root / f"vm-{arch}", name=f"test-{arch}", boot_timeout=150)
     g.start()
     return g

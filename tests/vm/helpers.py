@@ -10,7 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from agent.protocols import agent_pb2, agent_pb2_grpc
+from agent.protocols import agent_pb2
+from kata_agent_client.client import AgentClient
 from kata_agent_client.bundle import make_rootfs
 from kata_agent_client.spec import default_config, spec_from_config
 
@@ -21,13 +22,11 @@ DNS = ["nameserver 10.0.2.3", "search vm.test"]
 
 @contextlib.contextmanager
 def agent_stub(addr: str):
-    """An AgentService stub on a fresh channel to ``addr`` (tcp://HOST:PORT), closed afterwards."""
-    ch = grpc.insecure_channel(addr.removeprefix("tcp://"))
-    try:
-        grpc.channel_ready_future(ch).result(timeout=10)
-        yield agent_pb2_grpc.AgentServiceStub(ch)
-    finally:
-        ch.close()
+    """A gRPC AgentService stub on a fresh channel to ``addr`` (any channel: serial://, tcp://),
+    closed afterwards."""
+    with AgentClient(addr, proto="grpc") as client:
+        client.wait_ready(10)
+        yield client.agent
 
 
 def new_id(prefix: str = "c") -> str:
