@@ -128,10 +128,13 @@ def test_a_container_lives_over_the_serial_channel(guest, proto, tmp_path_factor
             t.start()  # a long poll on the one connection ...
             s.WriteStdin(agent_pb2.WriteStreamRequest(container_id=cid, data=b"hello\n"), timeout=30)
             assert b"got:hello" in h.read_until(s, cid, b"got:hello")  # ... while other calls pass
-            proc = oci_pb2.Process(Args=["echo", "from-exec"], Env=DEFAULT_ENV, Cwd="/", User=oci_pb2.User())
+            # an exec, which also shows the container has no virtio-serial port in its /dev
+            proc = oci_pb2.Process(Args=["sh", "-c", "ls /dev; echo end-of-dev"], Env=DEFAULT_ENV, Cwd="/",
+                                   User=oci_pb2.User())
             s.ExecProcess(agent_pb2.ExecProcessRequest(container_id=cid, exec_id="e1", process=proc), timeout=30)
-            assert b"from-exec" in h.read_until(s, cid, b"from-exec", exec_id="e1")
+            listing = h.read_until(s, cid, b"end-of-dev", exec_id="e1").decode()
             assert h.wait(s, cid, "e1") == 0
+            assert "null" in listing.split() and not [d for d in listing.split() if d.startswith("vport")], listing
             assert c.health() == "SERVING"
             assert t.is_alive()
             s.SignalProcess(agent_pb2.SignalProcessRequest(container_id=cid, signal=9), timeout=30)
