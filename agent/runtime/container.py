@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -17,8 +16,9 @@ from agent import linux
 from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci import ContainerConfig, ProcessConfig
 from agent.runtime import cgroups as cgroups_mod
-from agent.runtime import seccomp
+from agent.runtime import protocol, seccomp
 from agent.runtime import spawner as spawner_mod
+from agent.runtime.protocol import Cgroup, CreateRequest, ExecRequest, Failed, Ready, Start
 from agent.runtime.reaper import REAPER, exit_code
 from agent.stdio import Stdio
 from agent.undo import UndoStack
@@ -184,7 +184,7 @@ class Runtime:
             # The cgroup is made while the spawner's child joins and unshares namespaces (and,
             # as the init, starts on the rootfs); it waits for the cgroup's directories (or EOF)
             # before it forks the init, or before its first step that needs the cgroup.
-            req = {"op": "create", "config": cfg, "cgroup": None}
+            req = CreateRequest(cfg, cgroup=None)
             try:
                 sync = self.spawner.request(req, child_fds, new_pidns=self._init_is_zygote(cfg))
             finally:
@@ -192,15 +192,13 @@ class Runtime:
                     os.close(fd)
             undo.push("close the sync socket", sync.close)
             cg = self._create_cgroup(cfg, resources, undo)
-            try:
-                sync.send(json.dumps({"cgroup": _cgroup_dirs(cg)}).encode())
-            except OSError:
-                pass  # the child failed (and exited) before it took the cgroup: its report follows
+            # (if the child failed, and exited, before it took the cgroup, its report follows)
+            protocol.send(sync, _cgroup_dirs(cg))
             pid = await self._pid(sync, "create")
             init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
             undo.push("kill the init", lambda: self._kill_and_reap(init))
             reply = await spawner_mod.receive(sync)
-            if reply is None or "error" in reply:
+            if not isinstance(reply, Ready):
                 raise self._setup_error(reply, init)
             c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync, hooks=hooks, oci_version=oci_version,
                           annotations=dict(annotations or {}))
@@ -243,10 +241,12 @@ class Runtime:
             raise _classify(what, str(exc)) from None
 
     @staticmethod
-    def _setup_error(reply: dict | None, proc: Process) -> Exception:
+    def _setup_error(reply: protocol.Step | None, proc: Process) -> Exception:
         if reply is None:
             return Internal(f"container init (pid {proc.pid}) exited during set-up")
-        return _classify("create", reply["error"])
+        if isinstance(reply, Failed):
+            return _classify("create", reply.error)
+        return Internal(f"spawner protocol: expected Ready, got {reply!r}")
 
     async def start(self, cid: str) -> None:
         c = self.get(cid)
@@ -257,7 +257,7 @@ class Runtime:
         sync, c.sync = c.sync, None
         c.started = True
         try:
-            sync.send(b"start")
+            sync.send(protocol.encode(Start()))
         except OSError:
             sync.close()
             raise
@@ -276,8 +276,9 @@ class Runtime:
             except OSError:
                 return
         if reply is not None:
+            error = reply.error if isinstance(reply, Failed) else repr(reply)
             log.warning("container process did not start",
-                        extra={"fields": {"container_id": cid, "error": reply.get("error", reply)}})
+                        extra={"fields": {"container_id": cid, "error": error}})
 
     # --- exec ---
     async def exec(self, cid: str, exec_id: str, proc_cfg: ProcessConfig) -> Process:
@@ -289,9 +290,7 @@ class Runtime:
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
-        req = {"op": "exec", "init_pid": c.init_pid, "process": proc_cfg,
-               "cgroup": _cgroup_dirs(c.cgroup),
-               "seccomp": c.config.seccomp}
+        req = ExecRequest(c.init_pid, proc_cfg, _cgroup_dirs(c.cgroup), c.config.seccomp)
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
             try:
@@ -305,7 +304,7 @@ class Runtime:
                 undo.push("kill the process", lambda: self._kill_and_reap(proc))
                 reply = await spawner_mod.receive(sync)
             if reply is not None:
-                raise _classify("exec", reply.get("error", "unexpected reply"))
+                raise _classify("exec", reply.error if isinstance(reply, Failed) else f"unexpected {reply!r}")
             c._drop_retired(exec_id)  # the id is reused: the old output goes
             c.processes[exec_id] = proc
             undo.commit()
@@ -402,17 +401,17 @@ class Runtime:
         self.cgroups.close()
 
 
-def _cgroup_dirs(cg: Any) -> dict[str, Any]:
-    """The directories a new process of ``cg`` joins: {"v1": [dirs], "v2": dir or ""}."""
+def _cgroup_dirs(cg: Any) -> Cgroup:
+    """The directories a new process of ``cg`` joins."""
     if cg is None:
-        return {"v1": [], "v2": ""}
-    out: dict[str, Any] = {"v1": [], "v2": ""}
+        return Cgroup()
+    v2, v1 = "", []
     for root, directory in zip(cg.manager.layout.roots(), cg.dirs):
         if root == cg.manager.layout.v2:
-            out["v2"] = directory
+            v2 = directory
         else:
-            out["v1"].append(directory)
-    return out
+            v1.append(directory)
+    return Cgroup(v2, v1)
 
 
 def _classify(what: str, message: str) -> Exception:

@@ -1,9 +1,10 @@
 """The spawner: a single-threaded process of its own that forks every container.
 
 ``start_spawner()`` (called by agent.__main__) starts it as a fresh ``python -S`` with
-posix_spawn, not as a fork of the agent, so it can be started again from the multi-threaded agent. The agent sends it one SOCK_SEQPACKET message per request: JSON plus fds by SCM_RIGHTS, the
-first fd being the child's end of a fresh per-request ``sync`` socketpair. The spawner forks an
-intermediate child that does the work (agent.runtime.child) and reports on ``sync``; the spawner
+posix_spawn, not as a fork of the agent, so it can be started again from the multi-threaded agent. The agent sends it one SOCK_SEQPACKET message per request (agent.runtime.protocol: a
+CreateRequest, ExecRequest or TaskRequest, plus fds by SCM_RIGHTS, the first fd being the child's
+end of a fresh per-request ``sync`` socketpair). The spawner forks an intermediate child that
+does the work (agent.runtime.child) and takes the protocol's steps on ``sync``; the spawner
 itself never answers, so the agent side needs no request ids.
 
 CreateContainer requests whose container gets a new PID namespace take a shorter way, on a socket
@@ -18,7 +19,6 @@ the functions are listed by name in agent.sandbox_tasks.TASKS.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -26,8 +26,9 @@ import sys
 from typing import Any
 
 from agent import boottrace, linux, sandbox_tasks
+from agent.runtime import protocol
+from agent.runtime.protocol import MAX_MESSAGE, CreateRequest, ExecRequest, Failed, Pid, Reply, TaskRequest
 
-MAX_MESSAGE = 1 << 18
 MAX_FDS = 16
 
 
@@ -51,7 +52,8 @@ def _serve(sock: socket.socket, init_sock: socket.socket) -> None:
     import select
     import time
 
-    from agent.runtime import child
+    # Every role's code, loaded once here so that the forks share it (the agent never loads it).
+    import agent.runtime.child.intermediate  # noqa: F401
 
     # Forked children run briefly and exit or exec: a collection there would write to every
     # object's page and copy it. Freezing also keeps the spawner's own pages shared.
@@ -70,9 +72,9 @@ def _serve(sock: socket.socket, init_sock: socket.socket) -> None:
             pidns = s is init_sock and pidns_ok
             try:
                 if pidns:
-                    pidns = pidns_ok = _fork_pidns_zygote(child, sockets, taken_w)
+                    pidns = pidns_ok = _fork_pidns_zygote(sockets, taken_w)
                 if not pidns:
-                    _fork_zygote(child, s, sockets, taken_w, me)
+                    _fork_zygote(s, sockets, taken_w, me)
             except OSError:
                 os.close(taken_r)
                 _reap(block=True)  # out of processes: wait for one of ours to go
@@ -95,12 +97,12 @@ def _serve(sock: socket.socket, init_sock: socket.socket) -> None:
         _reap()
 
 
-def _fork_zygote(child, sock: socket.socket, sockets, taken_w: int, spawner: int) -> None:
+def _fork_zygote(sock: socket.socket, sockets, taken_w: int, spawner: int) -> None:
     if os.fork() == 0:
-        _zygote(child, sock, sockets, taken_w, pidns=False, spawner=spawner)
+        _zygote(sock, sockets, taken_w, pidns=False, spawner=spawner)
 
 
-def _fork_pidns_zygote(child, sockets, taken_w: int) -> bool:
+def _fork_pidns_zygote(sockets, taken_w: int) -> bool:
     """Clone the zygote as PID 1 of a new PID namespace and as the agent's child (CLONE_PARENT),
     so that the agent, not the spawner, reaps the container init it becomes. False when no
     such process can be made here."""
@@ -109,7 +111,7 @@ def _fork_pidns_zygote(child, sockets, taken_w: int) -> bool:
     except OSError:
         return False
     if pid == 0:
-        _zygote(child, sockets[1], sockets, taken_w, pidns=True)
+        _zygote(sockets[1], sockets, taken_w, pidns=True)
     return True
 
 
@@ -124,11 +126,13 @@ def _reap(block: bool = False) -> None:
             return
 
 
-def _zygote(child, sock: socket.socket, sockets, taken: int, pidns: bool, spawner: int = 0) -> None:
+def _zygote(sock: socket.socket, sockets, taken: int, pidns: bool, spawner: int = 0) -> None:
+    from agent.runtime.child import container_init
+
     try:
         premade: dict[int, int] = {}
         if pidns:  # the agent's child: it ends when the agent closes the socket
-            premade = child.premake_namespaces()
+            premade = container_init.premake_namespaces()
         else:
             # A zygote dies with its spawner: the requests queued for it then end (their sync
             # sockets close) instead of waiting for a zygote that never comes.
@@ -144,33 +148,36 @@ def _zygote(child, sock: socket.socket, sockets, taken: int, pidns: bool, spawne
         for s in sockets:
             s.close()
         os.set_inheritable(fds[0], False)  # EOF for the agent when the child execs
-        _child(child, json.loads(msg), socket.socket(fileno=fds[0]), fds[1:], pidns, premade)
+        _child(msg, socket.socket(fileno=fds[0]), fds[1:], pidns, premade)
     finally:
         os._exit(1)
 
 
-def _child(child, req: dict[str, Any], sync: socket.socket, fds: list[int], pidns: bool,
+def _child(msg: bytes, sync: socket.socket, fds: list[int], pidns: bool,
            premade: dict[int, int] | None = None) -> None:
     """Serve one request in a zygote; ``pidns``: it is PID 1 of a new PID namespace, and only
     serves creates, as their init, in the namespaces it ``premade``."""
+    from agent.runtime.child import container_init, intermediate
+    from agent.runtime.child.common import fail
+
     try:
-        op = req["op"]
-        if pidns and op != "create":
-            child.fail(sync, f"spawner: {op!r} request on the init socket")
-        if op == "create" and pidns:
-            child.init_container(req["config"], sync, fds, req.get("cgroup"), premade)
-        elif op == "create":
-            child.spawn_container(req["config"], sync, fds, req.get("cgroup"))
-        elif op == "exec":
-            child.spawn_exec(req, sync, fds, req.get("cgroup"))
-        elif op == "task":
-            fn = sandbox_tasks.TASKS.get(req["name"])
+        req = protocol.decode_request(msg)
+        if pidns and not isinstance(req, CreateRequest):
+            fail(sync, f"spawner: {type(req).__name__} on the init socket")
+        if isinstance(req, CreateRequest) and pidns:
+            container_init.init_container(req, sync, fds, premade)
+        elif isinstance(req, CreateRequest):
+            intermediate.spawn_container(req, sync, fds)
+        elif isinstance(req, ExecRequest):
+            intermediate.spawn_exec(req, sync, fds)
+        elif isinstance(req, TaskRequest):
+            fn = sandbox_tasks.TASKS.get(req.name)
             if fn is None:
-                child.fail(sync, f"no spawner task {req['name']!r}")
-            child.spawn_task(fn, req["args"], sync, fds)
-        child.fail(sync, f"unknown spawner request {op!r}")
+                fail(sync, f"no spawner task {req.name!r}")
+            intermediate.spawn_task(fn, req.args, sync, fds)
+        fail(sync, f"unknown spawner request {req!r}")
     except BaseException as exc:  # noqa: BLE001 - never return into the spawner's loop
-        child.fail(sync, f"{type(exc).__name__}: {exc}")
+        fail(sync, f"{type(exc).__name__}: {exc}")
 
 
 SPAWNER_FD = 3  # the spawner's end of the agent's socket for all requests
@@ -288,7 +295,7 @@ class Spawner:
                   extra={"fields": {"old_pid": old_pid, "status": status, "pid": self.pid}})
         self.supervise()
 
-    def request(self, req: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+    def request(self, req: protocol.Request, fds: list[int] | tuple[int, ...] = (),
                 new_pidns: bool = False) -> socket.socket:
         """Send ``req`` with ``fds``; returns the agent's end of the request's sync socket.
 
@@ -300,7 +307,7 @@ class Spawner:
         sock = self.init_sock if new_pidns and self.init_sock is not None else self.sock
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            socket.send_fds(sock, [json.dumps(req, default=_fields).encode()], [theirs.fileno(), *fds])
+            socket.send_fds(sock, [protocol.encode_request(req)], [theirs.fileno(), *fds])
         except BaseException:
             ours.close()
             raise
@@ -310,16 +317,16 @@ class Spawner:
         return ours
 
     async def run_task(self, name: str, args: dict[str, Any], fds: list[int] | tuple[int, ...] = ()) -> dict:
-        """Run task ``name`` in a double-forked child; its first reply, plus ``"pid"``."""
-        sync = self.request({"op": "task", "name": name, "args": args}, fds)
+        """Run task ``name`` in a double-forked child; its reply, plus ``"pid"`` (the worker's)."""
+        sync = self.request(TaskRequest(name, args), fds)
         with sync:
             pid = await receive_pid(sync)
             reply = await receive(sync)
-        if reply is None:
-            raise SpawnError(f"task {name}: exited without a reply")
-        if "error" in reply:
-            raise SpawnError(f"task {name}: {reply['error']}")
-        return {**reply, "pid": pid}
+        if isinstance(reply, Failed):
+            raise SpawnError(f"task {name}: {reply.error}")
+        if not isinstance(reply, Reply):
+            raise SpawnError(f"task {name}: exited without a reply ({reply!r})")
+        return {**reply.data, "pid": pid}
 
     def close(self) -> None:
         self.closed = True
@@ -331,28 +338,21 @@ class Spawner:
             self.init_sock.close()
 
 
-def _fields(obj: Any) -> dict[str, Any]:
-    """A dataclass in a request, as JSON: its fields (json recurses; ``dataclasses.asdict``
-    would deep-copy everything first, at several times the cost)."""
-    import dataclasses
-
-    if not dataclasses.is_dataclass(obj):
-        raise TypeError(f"{type(obj).__name__} in a spawner request")
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-async def receive(sync: socket.socket) -> dict[str, Any] | None:
-    """The next JSON message on a sync socket, or None at EOF."""
+async def receive(sync: socket.socket) -> protocol.Step | None:
+    """The next step on a (non-blocking) sync socket, or None at EOF."""
     import asyncio
 
     data = await asyncio.get_running_loop().sock_recv(sync, MAX_MESSAGE)
-    return json.loads(data) if data else None
+    return protocol.decode(data) if data else None
 
 
 async def receive_pid(sync: socket.socket) -> int:
+    """The first step of every request: the pid of the process it made."""
     msg = await receive(sync)
     if msg is None:
         raise SpawnError("the spawner's child exited without reporting")
-    if "error" in msg:
-        raise SpawnError(msg["error"])
-    return int(msg["pid"])
+    if isinstance(msg, Failed):
+        raise SpawnError(msg.error)
+    if not isinstance(msg, Pid):
+        raise SpawnError(f"spawner protocol: expected the pid, got {msg!r}")
+    return msg.pid

@@ -102,12 +102,12 @@ def test_one_mount_option_table_for_oci_and_storages():
 
 
 def test_the_spawner_side_stays_small():
-    """The spawner imports agent.linux and agent.runtime.child; what they load, every fork of the
+    """The spawner imports agent.linux and agent.runtime.child's roles; what they load, every fork of the
     spawner copies (dataclasses alone brings inspect: 14 modules, 1.5 MB)."""
     import subprocess
     import sys
 
-    code = ("import sys; import agent.linux, agent.runtime.child, agent.runtime.spawner; "
+    code = ("import sys; import agent.linux, agent.runtime.child.intermediate, agent.runtime.spawner; "
             "print(' '.join(sorted(sys.modules)))")
     loaded = set(subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
                                 check=True, cwd=os.path.dirname(os.path.dirname(linux.__file__))).stdout.split())

@@ -1,4 +1,5 @@
-"""Pure helpers of the container child: program lookup (as runc's, at create), seccomp codes, mount attributes."""
+"""Pure helpers of the container children: program lookup (as runc's, at create), seccomp codes,
+mount attributes, and the spawner protocol's encoding."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import errno
 import pytest
 
 from agent import linux
-from agent.runtime import child, seccomp
-from agent.runtime.child import SetupError, _look_path
+from agent.runtime import protocol, seccomp
+from agent.runtime.child import rootfs
+from agent.runtime.child.common import SetupError
+from agent.runtime.child.process import _look_path
 
 
 def test_look_path(tmp_path):
@@ -42,11 +45,30 @@ def test_action_codes():
 
 def test_mount_attrs_leave_a_bind_as_a_remount_with_the_flags_would():
     ro = (linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RELATIME)
-    attr_set, attr_clr = child._mount_attrs(ro)
+    attr_set, attr_clr = rootfs._mount_attrs(ro)
     assert attr_set == (linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
                         | linux.MOUNT_ATTR_NOEXEC)  # relatime is 0
     assert attr_clr == linux.MOUNT_ATTR_NODIRATIME | linux.MOUNT_ATTR__ATIME
-    attr_set, attr_clr = child._mount_attrs(linux.MS_NOSUID | linux.MS_NOATIME)
+    attr_set, attr_clr = rootfs._mount_attrs(linux.MS_NOSUID | linux.MS_NOATIME)
     assert attr_set == linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOATIME
     assert attr_clr & linux.MOUNT_ATTR_RDONLY and attr_clr & linux.MOUNT_ATTR_NOEXEC
     assert not attr_clr & linux.MOUNT_ATTR_NOSUID
+
+
+def test_protocol_steps_and_requests_round_trip():
+    steps = [protocol.Pid(42), protocol.Cgroup("/sys/fs/cgroup/a", []), protocol.Cgroup("", ["/v1/cpu/a"]),
+             protocol.Ready(), protocol.Start(), protocol.Failed("mount /proc: EPERM"),
+             protocol.Reply({"init_pid": 7})]
+    for step in steps:
+        assert protocol.decode(protocol.encode(step)) == step
+        assert type(protocol.decode(protocol.encode(step))) is type(step)
+    # NamedTuples compare as tuples (Ready() == Start() == ()): steps are told apart by type
+    assert not isinstance(protocol.decode(protocol.encode(protocol.Ready())), protocol.Start)
+    exec_req = protocol.ExecRequest(9, {"args": ["sh"]}, protocol.Cgroup("/cg", ["/v1"]), None)
+    assert protocol.decode_request(protocol.encode_request(exec_req)) == exec_req
+    create = protocol.CreateRequest({"id": "c"}, None)
+    assert protocol.decode_request(protocol.encode_request(create)) == create
+    task = protocol.TaskRequest("sandbox-pidns-init", {})
+    assert protocol.decode_request(protocol.encode_request(task)) == task
+    with pytest.raises(ValueError, match="unknown spawner request"):
+        protocol.decode_request(b'{"op": "nope"}')

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.runtime.child import SetupError, resolve_user
+from agent.runtime.child.common import SetupError
+from agent.runtime.child.process import resolve_user
 from agent.runtime.paths import secure_join
 
 
