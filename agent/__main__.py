@@ -30,11 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kata-agent: {exc}", file=sys.stderr)
         return 2
     log_mod.setup(cfg.log_level)
+    log_mod.report_settings(cfg)
     pid1 = os.getpid() == 1
     if pid1:
         from agent import init
 
-        init.pid1_setup(cfg.cmdline)
+        init.pid1_setup(cfg.cmdline, cfg)
     _become_subreaper()
 
     spawner = start_spawner()

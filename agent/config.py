@@ -113,10 +113,18 @@ class Config:
     log_level: str = "info"
     hotplug_timeout: float = DEFAULT_HOTPLUG_TIMEOUT
     debug_console: bool = False
+    debug_console_vport: int = 0  # 0: no debug console on vsock
+    log_vport: int = 0  # 0: logs only on stderr
+    container_pipe_size: int = 0  # 0: the kernel's default pipe size
+    dev_mode: bool = False
+    unified_cgroup_hierarchy: bool = True  # cgroup2 at /sys/fs/cgroup; False: v1 hierarchies
+    trace: bool = False  # accepted, not supported: logged at start
     run_dir: str = "/run"
     policy_file: str = ""
     # Kernel command line keys as read, for modules that want more (e.g. PID-1 set-up).
     cmdline: dict[str, str] = field(default_factory=dict)
+    # What was wrong or ignored on the kernel command line; logged once logging is set up.
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -142,36 +150,120 @@ def _timeout(text: str, where: str) -> float:
     return value
 
 
+def _log_level(text: str, where: str) -> str:
+    level = {"fatal": "critical", "panic": "critical"}.get(text, text)  # logrus names, as Kata maps them
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{where} {text!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+_BOOLS = {"": True, "1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
+def _bool(text: str) -> bool:
+    """A bare key (``agent.devmode``) or ``=true/false/1/0/yes/no/on/off``."""
+    if text.lower() not in _BOOLS:
+        raise ConfigError("expected a bare key or true/false, 1/0, yes/no, on/off")
+    return _BOOLS[text.lower()]
+
+
+def _vsock_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 1 << 31:
+        raise ConfigError("expected a vsock port from 1 to 2147483647")
+    return int(text)
+
+
+def _pipe_size(text: str) -> int:
+    if not text.isdigit() or int(text) >= 1 << 31:
+        raise ConfigError("expected a size in bytes, 0 or more (0: the kernel's default)")
+    return int(text)
+
+
+def _addresses(text: str) -> list[Address]:
+    return [parse_address(a) for a in text.split(",") if a] or [parse_address(DEFAULT_SERVER_ADDR)]
+
+
+# The agent.* keys of the kernel command line: the agent's own (parsed here), then those read by
+# the PID-1 set-up (agent/init.py) and the guest image's /init. Any other agent.* key is ignored, as
+# Kata's agent ignores keys it does not know (noted at debug level).
+CMDLINE_KEYS = {
+    "server_addr": _addresses,
+    "log": lambda text: _log_level(text, "log level"),
+    "hotplug_timeout": lambda text: _timeout(text.removesuffix("s"), "timeout"),
+    "policy": str,
+    "debug_console": _bool,
+    "debug_console_vport": _vsock_port,
+    "log_vport": _vsock_port,
+    "container_pipe_size": _pipe_size,
+    "devmode": _bool,
+    "unified_cgroup_hierarchy": _bool,
+    "trace": _bool,
+}
+PID1_KEYS = frozenset({"ip", "gw", "netdev", "modules", "debug_console_dev", "stub"})
+
+
+def _cmdline_values(cmdline: dict[str, str], notes: list[tuple[str, str]]) -> dict[str, object]:
+    """The known keys' values; a malformed one is left out (its default stays) and noted by name."""
+    values: dict[str, object] = {}
+    for key, text in cmdline.items():
+        parse = CMDLINE_KEYS.get(key)
+        if parse is None:
+            if key not in PID1_KEYS:
+                notes.append(("debug", f"agent.{key}: not a setting of this agent, ignored (as Kata's agent does)"))
+            continue
+        try:
+            values[key] = parse(text)
+        except (ConfigError, ValueError) as exc:
+            notes.append(("error", f"kernel command line agent.{key}={text!r}: {exc}; the default is used"))
+    return values
+
+
+def from_cmdline(cmdline: dict[str, str]) -> Config:
+    """Settings from the kernel command line's ``agent.*`` keys (prefix stripped) alone."""
+    cfg = Config(cmdline=cmdline)
+    boot = _cmdline_values(cmdline, cfg.notes)
+    cfg.server_addrs = boot.get("server_addr", cfg.server_addrs)
+    cfg.log_level = boot.get("log", "debug" if boot.get("devmode") else "info")  # devmode: debug, as Kata
+    cfg.hotplug_timeout = boot.get("hotplug_timeout", DEFAULT_HOTPLUG_TIMEOUT)
+    cfg.debug_console = boot.get("debug_console", False)
+    cfg.debug_console_vport = boot.get("debug_console_vport", 0)
+    cfg.log_vport = boot.get("log_vport", 0)
+    cfg.container_pipe_size = boot.get("container_pipe_size", 0)
+    cfg.dev_mode = boot.get("devmode", False)
+    cfg.unified_cgroup_hierarchy = boot.get("unified_cgroup_hierarchy", True)
+    if not cfg.unified_cgroup_hierarchy:
+        cfg.notes.append(("warning", "agent.unified_cgroup_hierarchy=0: this agent mounts cgroup2 only "
+                                     "(containers on cgroup v1 need the hierarchies mounted by the image)"))
+    cfg.trace = boot.get("trace", False)
+    if cfg.trace:
+        cfg.notes.append(("warning", "agent.trace: tracing (OpenTelemetry) is not supported by this agent, ignored"))
+    cfg.policy_file = boot.get("policy", "")
+    return cfg
+
+
 def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
-    """Resolve settings with the precedence flag > environment > kernel command line > default."""
+    """Resolve settings with the precedence flag > environment > kernel command line > default.
+
+    A bad flag or environment value raises ConfigError (someone typed it just now); a bad kernel
+    command line value keeps its default and is noted in ``Config.notes``, so that the guest still
+    boots and its agent reports what was wrong.
+    """
     env = os.environ if environ is None else environ
     args = arg_parser().parse_args(argv)
-    cmdline = read_cmdline(args.cmdline_file)
-    cfg = Config(cmdline=cmdline)
-
+    cfg = from_cmdline(read_cmdline(args.cmdline_file))
     if args.server_addr:
-        addrs = args.server_addr
+        cfg.server_addrs = [parse_address(a) for a in args.server_addr]
     elif env.get("KATA_AGENT_SERVER_ADDR"):
-        addrs = [a for a in env["KATA_AGENT_SERVER_ADDR"].split(",") if a]
-    elif cmdline.get("server_addr"):
-        addrs = [a for a in cmdline["server_addr"].split(",") if a]
-    else:
-        addrs = [DEFAULT_SERVER_ADDR]
-    cfg.server_addrs = [parse_address(a) for a in addrs]
-
-    level = args.log_level or env.get("KATA_AGENT_LOG_LEVEL") or cmdline.get("log") or "info"
-    if level not in LOG_LEVELS:
-        raise ConfigError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
-    cfg.log_level = level
-
+        cfg.server_addrs = [parse_address(a) for a in env["KATA_AGENT_SERVER_ADDR"].split(",") if a]
+    if args.log_level:
+        cfg.log_level = _log_level(args.log_level, "log level")
+    elif env.get("KATA_AGENT_LOG_LEVEL"):
+        cfg.log_level = _log_level(env["KATA_AGENT_LOG_LEVEL"], "log level")
     if args.hotplug_timeout is not None:
         cfg.hotplug_timeout = _timeout(str(args.hotplug_timeout), "--hotplug-timeout")
     elif env.get("KATA_AGENT_HOTPLUG_TIMEOUT"):
         cfg.hotplug_timeout = _timeout(env["KATA_AGENT_HOTPLUG_TIMEOUT"], "KATA_AGENT_HOTPLUG_TIMEOUT")
-    elif cmdline.get("hotplug_timeout"):
-        cfg.hotplug_timeout = _timeout(cmdline["hotplug_timeout"].rstrip("s"), "agent.hotplug_timeout")
-
-    cfg.debug_console = "debug_console" in cmdline
     cfg.run_dir = args.run_dir or env.get("KATA_AGENT_RUN_DIR") or "/run"
-    cfg.policy_file = args.policy_file or env.get("KATA_AGENT_POLICY_FILE") or cmdline.get("policy", "")
+    cfg.policy_file = args.policy_file or env.get("KATA_AGENT_POLICY_FILE") or cfg.policy_file
     return cfg

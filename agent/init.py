@@ -19,9 +19,9 @@ What it does, in kernel order and with plain syscalls (agent.linux) wherever tha
 3. brings up ``lo`` and ``eth0`` through rtnetlink with the address that QEMU user networking
    expects (10.0.2.15/24 via 10.0.2.2; ``agent.ip=ADDR/LEN``, ``agent.gw=ADDR`` or
    ``agent.ip=none`` on the kernel command line change that);
-4. starts a debug console when ``agent.debug_console`` is on the command line: a respawned shell on
-   the serial console (the last ``console=``), and on vsock port ``agent.debug_console_vport`` if
-   given.
+4. starts a debug console when asked: a respawned shell on the serial console (the last
+   ``console=``, or ``agent.debug_console_dev``) for ``agent.debug_console``, and a shell per
+   connection on vsock port ``agent.debug_console_vport`` when that is given.
 
 Zombie reaping is the agent's own reaper's job. Every step is best effort: a failure is logged to
 stderr (the serial console) and the agent still starts, so that it can report what is wrong.
@@ -346,12 +346,13 @@ def _exec_shell(fd: int | None, tty: str | None) -> None:
         os._exit(127)
 
 
-def start_debug_console(cmdline: dict[str, str]) -> list[int]:
+def start_debug_console(cmdline: dict[str, str], settings) -> list[int]:
     """Fork supervisors (single-threaded, before grpc exists) that respawn a shell on the serial
-    console, and serve one per connection on vsock port agent.debug_console_vport. Returns pids."""
+    console (settings.debug_console), and serve one per connection on vsock port
+    settings.debug_console_vport. Returns their pids."""
     pids: list[int] = []
     tty = _console_device(cmdline)
-    if os.path.exists(tty):
+    if settings.debug_console and os.path.exists(tty):
         pid = os.fork()
         if pid == 0:
             try:
@@ -369,11 +370,11 @@ def start_debug_console(cmdline: dict[str, str]) -> list[int]:
                 os._exit(0)
         pids.append(pid)
         _log(f"debug console on {tty} (pid {pid})")
-    vport = cmdline.get("agent.debug_console_vport")
+    vport = settings.debug_console_vport
     if vport and hasattr(socket, "AF_VSOCK"):
         try:
             srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            srv.bind((socket.VMADDR_CID_ANY, int(vport)))
+            srv.bind((socket.VMADDR_CID_ANY, vport))
             srv.listen(4)
         except OSError as e:
             _log(f"debug console on vsock port {vport}: {e}")
@@ -412,11 +413,12 @@ def _merge_cmdline(full: dict[str, str], given: dict[str, str]) -> dict[str, str
     return out
 
 
-def pid1_setup(cmdline: dict[str, str] | None = None) -> None:
+def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
     """Everything PID 1 must do before the agent serves. Safe to call twice.
 
     ``cmdline`` may be the full kernel command line (read_cmdline()) or agent/config.py's
     ``agent.*`` keys without the prefix; /proc/cmdline is read here either way, once /proc is up.
+    ``settings`` is the agent's agent.config.Config; without it, it is read from the command line.
     """
     t0 = time.monotonic()
     os.environ.setdefault("PATH", DEFAULT_PATH)
@@ -448,10 +450,12 @@ def pid1_setup(cmdline: dict[str, str] | None = None) -> None:
         identity.ensure_machine_id()
     except OSError as e:
         _log(f"machine-id: {e}")
-    if "agent.debug_console" in cmdline and cmdline.get("agent.debug_console") not in ("0", "false", "off"):
-        start_debug_console(cmdline)
-    elif cmdline.get("agent.debug_console_vport"):
-        start_debug_console({**cmdline, "agent.debug_console_dev": "/nonexistent"})
+    if settings is None:
+        from agent import config
+
+        settings = config.from_cmdline(config.agent_keys(cmdline))
+    if settings.debug_console or settings.debug_console_vport:
+        start_debug_console(cmdline, settings)
     _log(f"pid1 set-up {time.monotonic() - t0:.3f}s (mounts {t1 - t0:.3f}, modules {t2 - t1:.3f}, "
          f"network {t3 - t2:.3f})")
     from agent import boottrace

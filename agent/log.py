@@ -59,3 +59,10 @@ def setup(level: str = "info", stream=None) -> None:
     # Other libraries (grpc, asyncio) speak at warning and above; the agent at the chosen level.
     root.setLevel(max(_LEVELS[level], logging.WARNING))
     logging.getLogger("agent").setLevel(_LEVELS[level])
+
+
+def report_settings(cfg) -> None:
+    """Log what agent.config noted about the kernel command line (bad values, ignored keys)."""
+    logger = logging.getLogger("agent.config")
+    for level, message in cfg.notes:
+        logger.log(_LEVELS[level], message)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import struct
 import termios
 
 from agent.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
 
 
 def _nonblocking(fd: int) -> int:
@@ -62,7 +65,8 @@ class Stdio:
             remove(fd)
 
     @classmethod
-    def create(cls, terminal: bool, rows: int = 0, cols: int = 0) -> tuple["Stdio", list[int]]:
+    def create(cls, terminal: bool, rows: int = 0, cols: int = 0, pipe_size: int = 0) -> tuple["Stdio", list[int]]:
+        """``pipe_size`` > 0 sets each pipe's capacity (agent.container_pipe_size, as Kata's agent)."""
         if terminal:
             master, slave = os.openpty()
             os.set_inheritable(master, False)
@@ -72,6 +76,13 @@ class Stdio:
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        if pipe_size > 0:
+            for fd in (in_w, out_w, err_w):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, pipe_size)
+                except OSError as exc:
+                    log.warning("agent.container_pipe_size %d not applied: %s", pipe_size, exc)
+                    break
         stdio = cls(False, _nonblocking(in_w), _nonblocking(out_r), _nonblocking(err_r))
         return stdio, [in_r, out_w, err_w]
 

@@ -79,7 +79,8 @@ async def build(config: Config, spawner: Spawner) -> tuple[Agent, UndoStack]:
         agent.metrics = Metrics(counts=lambda: agent.runtime.counts() if agent.runtime else (0, 0),
                                 uptime=lambda: time.monotonic() - agent.started_at)
         agent.policy = boot_policy(config.policy_file)
-        agent.runtime = runtime = Runtime(spawner, config.run_dir, hook_runner=run_hooks)
+        agent.runtime = runtime = Runtime(spawner, config.run_dir, hook_runner=run_hooks,
+                                          pipe_size=config.container_pipe_size)
         teardown.push("runtime", lambda: _remove_containers(runtime))
         agent.uevents = uevents = uevent_listener()
         if uevents is not None:

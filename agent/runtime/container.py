@@ -130,9 +130,11 @@ DEFAULT_CGROUP_PARENT = "kata-agent"  # containers without Linux.CgroupsPath get
 
 
 class Runtime:
-    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", hook_runner: Any = None) -> None:
+    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", hook_runner: Any = None,
+                 pipe_size: int = 0) -> None:
         self.spawner = spawner
         self.run_dir = run_dir
+        self.pipe_size = pipe_size  # agent.container_pipe_size: 0 keeps the kernel's default
         # async (hooks, state, stage): agent.sandbox.run_hooks; None runs no hooks
         self.hook_runner = hook_runner
         self.containers: dict[str, Container] = {}
@@ -179,7 +181,7 @@ class Runtime:
         if cfg.seccomp is not None and not seccomp.available():
             raise FailedPrecondition("OCI.Linux.Seccomp: libseccomp.so.2 (package libseccomp2) is not installed")
         async with UndoStack() as undo:
-            stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size)
+            stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size, self.pipe_size)
             undo.push("close stdio", stdio.close)
             # The cgroup is made while the spawner's child joins and unshares namespaces (and,
             # as the init, starts on the rootfs); it waits for the cgroup's directories (or EOF)
@@ -289,7 +291,7 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is stopped")
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
-        stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size)
+        stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size, self.pipe_size)
         req = ExecRequest(c.init_pid, proc_cfg, _cgroup_dirs(c.cgroup), c.config.seccomp)
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)

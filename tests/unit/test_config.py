@@ -98,3 +98,101 @@ def test_quoted_kernel_command_line_value(tmp_path):
     path.write_text('console=ttyS0 agent.policy="/run/my policy.json" agent.log=debug\n')
     cfg = load(["--cmdline-file", str(path)], environ={})
     assert (cfg.policy_file, cfg.log_level) == ("/run/my policy.json", "debug")
+
+
+def _boot(tmp_path, line: str):
+    path = tmp_path / "cmdline"
+    path.write_text(line + "\n")
+    return load(["--cmdline-file", str(path)], environ={})
+
+
+def test_kata_kernel_command_line_keys(tmp_path):
+    cfg = _boot(tmp_path, "console=hvc0 agent.debug_console agent.debug_console_vport=1026 agent.log_vport=1025 "
+                          "agent.container_pipe_size=131072 agent.devmode agent.unified_cgroup_hierarchy=1 "
+                          "agent.hotplug_timeout=5 agent.server_addr=vsock://-1:2048 agent.trace=false")
+    assert (cfg.debug_console, cfg.debug_console_vport, cfg.log_vport) == (True, 1026, 1025)
+    assert (cfg.container_pipe_size, cfg.dev_mode, cfg.unified_cgroup_hierarchy) == (131072, True, True)
+    assert (cfg.hotplug_timeout, [str(a) for a in cfg.server_addrs], cfg.trace) == (5.0, ["vsock://-1:2048"], False)
+    assert cfg.log_level == "debug"  # devmode implies debug, as in Kata
+    assert [n for n in cfg.notes if n[0] != "debug"] == []
+
+
+def test_defaults_leave_operator_access_off(tmp_path):
+    cfg = _boot(tmp_path, "console=ttyS0 quiet")
+    assert (cfg.debug_console, cfg.debug_console_vport, cfg.log_vport, cfg.container_pipe_size) == (False, 0, 0, 0)
+    assert (cfg.dev_mode, cfg.trace, cfg.unified_cgroup_hierarchy, cfg.notes) == (False, False, True, [])
+
+
+def test_explicit_log_level_beats_devmode(tmp_path):
+    assert _boot(tmp_path, "agent.devmode agent.log=warn").log_level == "warn"
+    assert _boot(tmp_path, "agent.log=fatal").log_level == "critical"  # logrus's name, as Kata maps it
+
+
+def test_trace_is_accepted_and_reported_unsupported(tmp_path):
+    cfg = _boot(tmp_path, "agent.trace")
+    assert cfg.trace is True
+    assert [level for level, msg in cfg.notes if "agent.trace" in msg and "not supported" in msg] == ["warning"]
+
+
+def test_unknown_agent_key_is_ignored_as_kata_does(tmp_path):
+    cfg = _boot(tmp_path, "agent.no_such_key=1 agent.ip=none foo=bar agent.log=debug")
+    assert cfg.log_level == "debug"
+    assert cfg.notes == [("debug", "agent.no_such_key: not a setting of this agent, ignored (as Kata's agent does)")]
+
+
+@pytest.mark.parametrize("key,value,field,default", [
+    ("log", "loud", "log_level", "info"),
+    ("hotplug_timeout", "0", "hotplug_timeout", 3.0),
+    ("hotplug_timeout", "soon", "hotplug_timeout", 3.0),
+    ("debug_console", "maybe", "debug_console", False),
+    ("debug_console_vport", "0", "debug_console_vport", 0),
+    ("debug_console_vport", "-5", "debug_console_vport", 0),
+    ("log_vport", "x", "log_vport", 0),
+    ("container_pipe_size", "-1", "container_pipe_size", 0),
+    ("devmode", "2", "dev_mode", False),
+    ("unified_cgroup_hierarchy", "yes please", "unified_cgroup_hierarchy", True),
+    ("server_addr", "nonsense", "server_addrs", ["vsock://-1:1024"]),
+])
+def test_malformed_kernel_value_keeps_default_and_names_the_key(tmp_path, key, value, field, default):
+    cfg = _boot(tmp_path, f'agent.{key}="{value}" agent.log_vport=1025' if key != "log_vport" else f"agent.{key}={value}")
+    got = getattr(cfg, field)
+    assert ([str(a) for a in got] if field == "server_addrs" else got) == default
+    errors = [msg for level, msg in cfg.notes if level == "error"]
+    assert len(errors) == 1 and f"agent.{key}={value!r}" in errors[0] and "default" in errors[0]
+    if key != "log_vport":
+        assert cfg.log_vport == 1025  # the other keys still apply
+
+
+def test_notes_are_logged_once_logging_is_up(tmp_path):
+    import io
+    import json
+
+    from agent import log as log_mod
+
+    cfg = _boot(tmp_path, "agent.log_vport=x agent.trace")
+    stream = io.StringIO()
+    log_mod.setup("info", stream)
+    log_mod.report_settings(cfg)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["level"], "agent.log_vport" in e["msg"] or "agent.trace" in e["msg"]) for e in lines] == [
+        ("error", True), ("warning", True)]
+
+
+def test_pipe_size_is_applied_to_container_stdio():
+    import fcntl
+    import os
+
+    from agent.stdio import Stdio
+
+    stdio, child = Stdio.create(False, pipe_size=1 << 20)
+    try:
+        assert [fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd in child] == [1 << 20] * 3
+    finally:
+        for fd in child + [stdio.stdin, stdio.stdout, stdio.stderr]:
+            os.close(fd)
+    stdio, child = Stdio.create(False)
+    try:
+        assert fcntl.fcntl(child[1], fcntl.F_GETPIPE_SZ) != 1 << 20  # the kernel's default otherwise
+    finally:
+        for fd in child + [stdio.stdin, stdio.stdout, stdio.stderr]:
+            os.close(fd)
