@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import linux
-from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
 from agent.oci import ContainerConfig, ProcessConfig
 from agent.runtime import cgroups as cgroups_mod
 from agent.runtime import protocol, seccomp
@@ -139,6 +139,7 @@ class Runtime:
         self.hook_runner = hook_runner
         self.containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
+        self._removals: dict[str, asyncio.Task] = {}  # removals under way, joined by later calls
         self._watchers: set[asyncio.Future] = set()
         self.cgroups = cgroups_mod.detect()
         self.cgroups.keep(DEFAULT_CGROUP_PARENT)
@@ -164,6 +165,8 @@ class Runtime:
         """Hold ``cid`` while it is being created, so a concurrent create of it fails."""
         if cid in self.containers or cid in self._reserved:
             raise AlreadyExists(f"container {cid} already exists")
+        if cid in self._removals:
+            raise AlreadyExists(f"container {cid} is still being removed")
         self._reserved.add(cid)
         try:
             yield
@@ -356,32 +359,47 @@ class Runtime:
 
     # --- remove ---
     async def remove(self, cid: str, timeout: float = 0) -> None:
-        """Kill, reap, remove the cgroup, undo CreateContainer's steps, forget, run Poststop.
+        """Kill (SIGKILL at once, as Kata's destroy), reap, remove the cgroup, undo CreateContainer's
+        steps, forget, run Poststop.
 
-        When the cgroup cannot be removed (FAILED_PRECONDITION), the container stays
-        registered, stopped, so that RemoveContainer can be called again.
+        ``timeout`` > 0 bounds how long the caller waits, as in Kata: past it, DEADLINE_EXCEEDED,
+        and the removal goes on; a later RemoveContainer waits for that same removal. When the
+        cgroup cannot be removed (FAILED_PRECONDITION), the container stays registered, stopped, so
+        that RemoveContainer can be called again.
         """
-        c = self.get(cid)
+        task = self._removals.get(cid)
+        if task is None:
+            task = asyncio.ensure_future(self._remove(self.get(cid)))
+            self._removals[cid] = task
+            task.add_done_callback(lambda t: self._removed(cid, t))
+        try:
+            # shielded: a caller that goes away or gives up does not cut the removal short
+            await asyncio.wait_for(asyncio.shield(task), timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"container {cid}: removal did not finish within {timeout:g}s; "
+                                   "it goes on") from None
+
+    def _removed(self, cid: str, task: asyncio.Task) -> None:
+        if self._removals.get(cid) is task:
+            del self._removals[cid]
+        if not task.cancelled():
+            task.exception()  # seen: the callers still waiting report it
+
+    async def _remove(self, c: Container) -> None:
         if not c.removing:
-            await self._stop(c, timeout)
+            await self._stop(c)
             c.removing = True
         if c.cgroup is not None:
             c.cgroup.destroy()
-        self.containers.pop(cid, None)
+        self.containers.pop(c.id, None)
         undo = UndoStack()
         for what, action in c.cleanup:
             undo.push(what, action)
         await undo.rollback()
-        log.info("container removed", extra={"fields": {"container_id": cid}})
+        log.info("container removed", extra={"fields": {"container_id": c.id}})
         await self._run_hooks(c, "remove", "stopped")
 
-    async def _stop(self, c: Container, timeout: float) -> None:
-        if timeout and c.init.running:
-            try:
-                os.kill(c.init.pid, signal.SIGTERM)
-                await asyncio.wait_for(asyncio.shield(c.init.exited), timeout)
-            except (ProcessLookupError, asyncio.TimeoutError):
-                pass
+    async def _stop(self, c: Container) -> None:
         self._kill_all(c)
         for proc in (c.init, *c.processes.values()):
             await self._kill_and_reap(proc)
