@@ -10,6 +10,7 @@ connection (agent.server).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kata-agent: {exc}", file=sys.stderr)
         return 2
     log_mod.setup(cfg.log_level)
+    log_port = None
+    if cfg.log_addr is not None:
+        from agent import logport
+
+        log_port = logport.attach(cfg.log_addr)  # buffers until it listens, once the forks are done
     log_mod.report_settings(cfg)
     pid1 = os.getpid() == 1
     if pid1:
@@ -43,9 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     # executors) may start after this: no fork that runs Python
     from agent import wiring
 
+    if log_port is not None:
+        try:
+            log_port.listen()
+        except OSError as exc:
+            logging.getLogger().removeHandler(log_port)
+            logging.getLogger("agent").error("log port not served: %s", exc)
+            log_port = None
+
     try:
         return asyncio.run(wiring.run(cfg, spawner))
     finally:
+        if log_port is not None:
+            log_port.close()  # what is buffered goes to a connected host first
         if pid1:
             from agent import init
 

@@ -115,6 +115,7 @@ class Config:
     debug_console: bool = False
     debug_console_vport: int = 0  # 0: no debug console on vsock
     log_vport: int = 0  # 0: logs only on stderr
+    log_addr: Address | None = None  # where the log port listens: vsock://-1:<log_vport>, or --log-addr
     container_pipe_size: int = 0  # 0: the kernel's default pipe size
     dev_mode: bool = False
     unified_cgroup_hierarchy: bool = True  # cgroup2 at /sys/fs/cgroup; False: v1 hierarchies
@@ -136,6 +137,9 @@ def arg_parser() -> argparse.ArgumentParser:
                    help=f"device wait bound (default {DEFAULT_HOTPLUG_TIMEOUT:g})")
     p.add_argument("--run-dir", metavar="DIR", help="state root holding kata-containers/ and sandbox-ns/")
     p.add_argument("--policy-file", metavar="FILE", help="JSON policy loaded at start")
+    p.add_argument("--log-addr", metavar="ADDR",
+                   help="also serve the JSON log lines to whoever connects here (agent.log_vport=PORT on the "
+                        "kernel command line is vsock://-1:PORT)")
     p.add_argument("--cmdline-file", default="/proc/cmdline", help=argparse.SUPPRESS)
     return p
 
@@ -229,6 +233,8 @@ def from_cmdline(cmdline: dict[str, str]) -> Config:
     cfg.debug_console = boot.get("debug_console", False)
     cfg.debug_console_vport = boot.get("debug_console_vport", 0)
     cfg.log_vport = boot.get("log_vport", 0)
+    if cfg.log_vport:
+        cfg.log_addr = Address("vsock", cid=VMADDR_CID_ANY, port=cfg.log_vport)
     cfg.container_pipe_size = boot.get("container_pipe_size", 0)
     cfg.dev_mode = boot.get("devmode", False)
     cfg.unified_cgroup_hierarchy = boot.get("unified_cgroup_hierarchy", True)
@@ -264,6 +270,8 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         cfg.hotplug_timeout = _timeout(str(args.hotplug_timeout), "--hotplug-timeout")
     elif env.get("KATA_AGENT_HOTPLUG_TIMEOUT"):
         cfg.hotplug_timeout = _timeout(env["KATA_AGENT_HOTPLUG_TIMEOUT"], "KATA_AGENT_HOTPLUG_TIMEOUT")
+    if args.log_addr:
+        cfg.log_addr = parse_address(args.log_addr)
     cfg.run_dir = args.run_dir or env.get("KATA_AGENT_RUN_DIR") or "/run"
     cfg.policy_file = args.policy_file or env.get("KATA_AGENT_POLICY_FILE") or cfg.policy_file
     return cfg

@@ -23,11 +23,15 @@ _NAMES = {TRACE: "trace", logging.DEBUG: "debug", logging.INFO: "info", logging.
 
 
 class JSONFormatter(logging.Formatter):
+    def __init__(self, names: dict[int, str] | None = None) -> None:
+        super().__init__()
+        self.names = names or _NAMES  # level number -> the name written
+
     def format(self, record: logging.LogRecord) -> str:
         t = record.created
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z",
-            "level": _NAMES.get(record.levelno, record.levelname.lower()),
+            "level": self.names.get(record.levelno, record.levelname.lower()),
             "msg": record.getMessage(),
             "source": "agent",
             "name": record.name,

@@ -1,0 +1,153 @@
+"""The log port (``agent.log_vport``): the agent's JSON log lines, also sent to whoever connects.
+
+As Kata's agent does, the agent listens on the port and the host connects (Kata's runtime dials
+the vsock port and reconnects when the stream ends); lines carry slog's level names (``TRCE``,
+``DEBG``, ``INFO``, ``WARN``, ``ERRO``, ``CRIT``), which Kata's log forwarder maps back to its own
+levels. Console logging (stderr) is unchanged.
+
+Logging never waits for the host: lines wait in a bounded buffer (oldest dropped first, the drop
+counted in a line of its own) until a connection takes them; one connection is served at a time,
+and a new one is accepted when it ends (lines a dead connection did not take go to the next). A forked child (the container spawner) drops the handler.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import socket
+import threading
+
+from agent.config import Address
+from agent.log import JSONFormatter, TRACE
+
+# slog's short level names, as Kata's agent writes them and its runtime's log forwarder reads them
+SLOG_NAMES = {TRACE: "TRCE", logging.DEBUG: "DEBG", logging.INFO: "INFO", logging.WARNING: "WARN",
+              logging.ERROR: "ERRO", logging.CRITICAL: "CRIT"}
+BUFFER_LIMIT = 1 << 20  # bytes of log lines kept while nobody is connected
+
+
+class LogPort(logging.Handler):
+    def __init__(self, addr: Address, limit: int = BUFFER_LIMIT) -> None:
+        super().__init__()
+        self.addr = addr
+        self.limit = limit
+        self.setFormatter(JSONFormatter(names=SLOG_NAMES))
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._dropped = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- logging side: never blocks on the connection ---
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", errors="replace")
+        except Exception:  # noqa: BLE001 - logging's own contract
+            self.handleError(record)
+            return
+        with self._cond:
+            self._lines.append(line)
+            self._size += len(line)
+            while self._size > self.limit and len(self._lines) > 1:
+                self._size -= len(self._lines.popleft())
+                self._dropped += 1
+            self._cond.notify()
+
+    # --- the port ---
+    def listen(self) -> None:
+        """Bind and listen now (an error names the address), then serve from a daemon thread."""
+        a = self.addr
+        if a.scheme == "vsock":
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            target: object = (a.cid, a.port)
+        elif a.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = "\0" + a.host if a.abstract else a.host
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            target = (a.host, a.port)
+        try:
+            sock.bind(target)
+            sock.listen(1)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"log port {a}: {exc.strerror}") from None
+        sock.set_inheritable(False)
+        self._listener = sock
+        self._thread = threading.Thread(target=self._serve, name="log-port", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            with conn:
+                self._pump(conn)
+
+    def _pump(self, conn: socket.socket) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._lines:
+                    return
+                batch, dropped = list(self._lines), self._dropped
+                self._lines.clear()
+                self._size = self._dropped = 0
+            if dropped:
+                note = {"level": "WARN", "msg": f"log port: {dropped} lines dropped while nobody read them",
+                        "source": "agent", "name": __name__}
+                batch.insert(0, (json.dumps(note) + "\n").encode())
+            data = b"".join(batch)
+            sent = 0
+            try:
+                while sent < len(data):
+                    sent += conn.send(data[sent:])
+            except OSError:  # the host went away: what it did not get waits for the next one
+                start = data.rfind(b"\n", 0, sent) + 1  # from the first line not sent whole
+                with self._cond:
+                    rest = data[start:].splitlines(keepends=True)
+                    self._lines.extendleft(reversed(rest))
+                    self._size += len(data) - start
+                return
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            self._listener.close()
+            if self.addr.scheme == "unix" and not self.addr.abstract:
+                try:
+                    os.unlink(self.addr.host)
+                except OSError:
+                    pass
+        if self._thread is not None:
+            self._thread.join(5)
+        super().close()
+
+    def _forget_in_child(self) -> None:
+        """After a fork: the child is not the agent's logger; its lines stay on its stderr."""
+        logging.getLogger().removeHandler(self)
+
+
+def attach(addr: Address) -> LogPort:
+    """A LogPort on the root logger, buffering from now on; call ``listen()`` once forks are done."""
+    port = LogPort(addr)
+    logging.getLogger().addHandler(port)
+    os.register_at_fork(after_in_child=port._forget_in_child)
+    return port

@@ -1,0 +1,86 @@
+"""The log port: JSON lines with slog's level names, buffered until a host connects."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import pytest
+
+from agent.config import parse_address
+from agent.log import TRACE
+from agent.logport import LogPort
+
+
+@pytest.fixture
+def port(tmp_path):
+    handler = LogPort(parse_address(f"unix://{tmp_path}/log.sock"), limit=4096)
+    logger = logging.getLogger(f"test-logport-{id(handler)}")
+    logger.setLevel(TRACE)
+    logger.propagate = False
+    logger.addHandler(handler)
+    yield handler, logger, f"{tmp_path}/log.sock"
+    logger.removeHandler(handler)
+    handler.close()
+
+
+def _read_lines(conn: socket.socket, count: int, buf: bytearray | None = None) -> list[dict]:
+    """The first ``count`` lines read (``buf`` keeps what was read, across calls)."""
+    buf = bytearray() if buf is None else buf
+    conn.settimeout(30)
+    while buf.count(b"\n") < count:
+        chunk = conn.recv(65536)
+        assert chunk, f"log port closed after {bytes(buf)!r}"
+        buf += chunk
+    return [json.loads(line) for line in buf.splitlines()[:count]]
+
+
+def test_levels_are_slog_names_and_early_lines_wait_for_the_host(port):
+    handler, logger, path = port
+    handler.listen()
+    for level in (TRACE, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL):
+        logger.log(level, "at %d", level, extra={"fields": {"container_id": "c1"}})
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        lines = _read_lines(conn, 6)
+    assert [e["level"] for e in lines] == ["TRCE", "DEBG", "INFO", "WARN", "ERRO", "CRIT"]
+    assert [e["msg"] for e in lines] == [f"at {n}" for n in (5, 10, 20, 30, 40, 50)]
+    assert {e["container_id"] for e in lines} == {"c1"}
+
+
+def test_a_later_connection_gets_later_lines(port):
+    handler, logger, path = port
+    handler.listen()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        logger.info("first")
+        assert [e["msg"] for e in _read_lines(conn, 1)] == ["first"]
+    logger.info("second")
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        lines = _read_lines(conn, 1)
+    assert lines[-1]["msg"] == "second"
+
+
+def test_unread_lines_are_bounded_and_the_drop_is_reported(port):
+    handler, logger, path = port
+    for i in range(200):  # far beyond the 4 KiB limit
+        logger.info("line %03d", i)
+    handler.listen()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        buf = bytearray()
+        first = _read_lines(conn, 1, buf)[0]
+        assert first["level"] == "WARN" and "lines dropped" in first["msg"]
+        dropped = int(first["msg"].split()[2])
+        rest = _read_lines(conn, 1 + 200 - dropped, buf)  # all that is left, oldest first
+    assert [e["msg"] for e in rest[1:]] == [f"line {i:03d}" for i in range(dropped, 200)]
+
+
+def test_a_port_in_use_is_an_error_naming_it(port, tmp_path):
+    handler, _, path = port
+    handler.listen()
+    other = LogPort(parse_address(f"unix://{path}"))
+    with pytest.raises(OSError, match=f"log port unix://{path}"):
+        other.listen()
