@@ -346,6 +346,26 @@ def _exec_shell(fd: int | None, tty: str | None) -> None:
         os._exit(127)
 
 
+def debug_console_allowed(policy_source: str) -> bool:
+    """Whether the boot policy (agent.policy / --policy-file) lets the debug console start: its
+    ``DebugConsole`` method in JSON rules, its ``DebugConsoleRequest`` rule in Rego (undefined:
+    denied, as any undefined rule). No policy: allowed. A policy that cannot be read: denied (the
+    agent then refuses to serve anyway)."""
+    if not policy_source:
+        return True
+    try:
+        from agent import policy
+
+        text, source = policy.load_source(policy_source)
+        decision = policy.parse(text, source).decide(policy.DEBUG_CONSOLE, None)
+    except Exception as exc:  # noqa: BLE001 - any failure keeps the shell closed
+        _log(f"debug console not started: the boot policy cannot be used: {exc}")
+        return False
+    if not decision.allowed:
+        _log(f"debug console not started: denied by the boot policy ({decision.rule})")
+    return decision.allowed
+
+
 def start_debug_console(cmdline: dict[str, str], settings) -> list[int]:
     """Fork supervisors (single-threaded, before grpc exists) that respawn a shell on the serial
     console (settings.debug_console), and serve one per connection on vsock port
@@ -454,7 +474,7 @@ def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
         from agent import config
 
         settings = config.from_cmdline(config.agent_keys(cmdline))
-    if settings.debug_console or settings.debug_console_vport:
+    if (settings.debug_console or settings.debug_console_vport) and debug_console_allowed(settings.policy_file):
         start_debug_console(cmdline, settings)
     _log(f"pid1 set-up {time.monotonic() - t0:.3f}s (mounts {t1 - t0:.3f}, modules {t2 - t1:.3f}, "
          f"network {t3 - t2:.3f})")

@@ -1,6 +1,10 @@
-"""The RPC policy: before every call, a JSON document decides allow or deny.
+"""The RPC policy: before every call, a document decides allow or deny.
 
-Document::
+Two formats: Kata's Rego documents (``package agent_policy``, one rule per request type; see
+agent.rego), and this agent's JSON rules, which need no native engine (so they work on aarch64
+guests, where regopy cannot be installed) and are checked against the request types when loaded.
+
+JSON document::
 
     {"default": "allow",                      # or "deny"; "allow" when absent
      "rules": [
@@ -41,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import empty_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -51,6 +56,9 @@ log = logging.getLogger(__name__)
 
 SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 REQUEST_TYPES: dict[str, Descriptor] = {m.name: m.input_type for m in SERVICE.methods}
+# Not an RPC: asked once at boot before the debug console starts (agent.init); no request fields.
+DEBUG_CONSOLE = "DebugConsole"
+PSEUDO_TYPES: dict[str, Descriptor] = {DEBUG_CONSOLE: empty_pb2.Empty.DESCRIPTOR}
 ACTIONS = ("allow", "deny")
 KINDS = ("equals", "not_equals", "in", "contains", "matches", "prefix", "exists")
 MAX_DOCUMENT = 1 << 20
@@ -122,9 +130,15 @@ class PolicyHolder:
 
 
 def parse(text: str, source: str = "policy") -> Policy:
-    """A Policy from a JSON document; PolicyError names what is wrong."""
+    """A Policy from a JSON document, or Kata's Rego (agent.rego.RegoPolicy, same interface); an
+    error names what is wrong: PolicyError, or rego.Unavailable (FAILED_PRECONDITION) where this
+    guest has no Rego engine."""
     if len(text) > MAX_DOCUMENT:
         raise PolicyError(f"policy: larger than {MAX_DOCUMENT} bytes")
+    from agent import rego
+
+    if rego.is_rego(text):
+        return rego.RegoPolicy(text, source, REQUEST_TYPES)  # type: ignore[return-value]
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -154,7 +168,7 @@ def load_source(value: str) -> tuple[str, str]:
     try:
         return base64.b64decode(value, validate=True).decode("utf-8"), "agent.policy (base64)"
     except (binascii.Error, UnicodeDecodeError):
-        raise PolicyError("agent.policy: neither an absolute path nor base64 of a JSON document") from None
+        raise PolicyError("agent.policy: neither an absolute path nor base64 of a policy document") from None
 
 
 def _only_keys(obj: dict, allowed: set[str], where: str) -> None:
@@ -176,7 +190,7 @@ def _rule(obj: Any, index: int) -> Rule:
     if action not in ACTIONS:
         raise PolicyError(f"{where}.action: {action!r} must be 'allow' or 'deny'")
     methods = _methods(obj.get("method"), where)
-    types = [REQUEST_TYPES[m] for m in methods] if methods is not None else None
+    types = [{**REQUEST_TYPES, **PSEUDO_TYPES}[m] for m in methods] if methods is not None else None
     when = _predicate(obj["when"], types, f"{where}.when") if "when" in obj else None
     return Rule(name, methods, action == "allow", when)
 
@@ -188,8 +202,8 @@ def _methods(value: Any, where: str) -> frozenset[str] | None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise PolicyError(f"{where}.method: a method name, a list of names or '*' is required")
     for n in names:
-        if n not in REQUEST_TYPES:
-            raise PolicyError(f"{where}.method: {n!r} is not an AgentService method")
+        if n not in REQUEST_TYPES and n not in PSEUDO_TYPES:
+            raise PolicyError(f"{where}.method: {n!r} is not an AgentService method (nor {DEBUG_CONSOLE!r})")
     return frozenset(names)
 
 

@@ -20,6 +20,7 @@ import time
 from agent import policy
 from agent.config import Config
 from agent.context import Agent
+from agent.errors import AgentError
 from agent.metrics import Metrics
 from agent.network import Netlink
 from agent.rpc import Handler, containers, guest, handlers, network, resources
@@ -52,8 +53,8 @@ def boot_policy(value: str) -> policy.PolicyHolder:
     try:
         text, source = policy.load_source(value)
         holder = policy.PolicyHolder(policy.parse(text, source))
-    except (OSError, policy.PolicyError) as exc:
-        message = exc.message if isinstance(exc, policy.PolicyError) else f"{value}: {exc.strerror}"
+    except (OSError, AgentError) as exc:  # PolicyError, or no Rego engine here (FAILED_PRECONDITION)
+        message = exc.message if isinstance(exc, AgentError) else f"{value}: {exc.strerror}"
         raise StartError(f"policy at boot: {message}") from None
     log.info("policy loaded", extra={"fields": {"source": source, "rules": len(holder.current.rules)}})
     return holder

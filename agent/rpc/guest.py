@@ -31,7 +31,10 @@ async def get_metrics(agent: Agent, request):
 
 @rpc("GetGuestDetails")
 async def get_guest_details(agent: Agent, request: agent_pb2.GuestDetailsRequest):
-    return guest.guest_details(request, EXTRA_FEATURES)
+    from agent import rego
+
+    rego_ok = ["policy-rego"] if rego.engine_error() is None else []
+    return guest.guest_details(request, EXTRA_FEATURES + rego_ok)
 
 
 @rpc("OnlineCPUMem")

@@ -67,3 +67,44 @@ def test_predicate_on_request_field_over_grpc(agent):
     agent.client.call("SetPolicy", {"policy": json.dumps(rule)})
     assert "'no-mem-probe'" in denied(agent.client, "GetGuestDetails", {"mem_hotplug_probe": True})
     assert agent.client.call("GetGuestDetails", {"mem_block_size": True}).agent_details.version
+
+
+POLICIES = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "policies"
+
+
+def test_kata_rego_policy_by_set_policy(agent, busybox_rootfs, container_id):
+    """Kata's format over the wire: all but ExecProcess, then a CreateContainer field check."""
+    pytest.importorskip("regopy", reason="regopy has glibc wheels for x86_64 only")
+    from tests.integration.test_containers import create, make_spec
+
+    agent.client.call("SetPolicy", {"policy": (POLICIES / "allow-all-except-exec-process.rego").read_text()})
+    create(agent, container_id, make_spec(busybox_rootfs, ["sleep", "60"]))
+    agent.client.call("StartContainer", {"container_id": container_id})
+    assert "ExecProcessRequest = false" in denied(agent.client, "ExecProcess", {
+        "container_id": container_id, "exec_id": "e1",
+        "process": {"Args": ["true"], "Cwd": "/", "User": {}}})
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+    agent.client.call("SetPolicy", {"policy": (POLICIES / "create-container-field.rego").read_text()})
+    assert "CreateContainerRequest = false" in denied(
+        agent.client, "CreateContainer", {"container_id": container_id, "OCI": _oci(busybox_rootfs, ["ls"])})
+    assert "rule 'CreateContainerRequest = false'" in denied(
+        agent.client, "CreateContainer", {"container_id": container_id, "OCI": _oci(busybox_rootfs, ["sh"], pod=False)})
+    agent.client.call("CreateContainer", {"container_id": container_id, "OCI": _oci(busybox_rootfs, ["sh"])})
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def _oci(rootfs, args, pod=True):
+    from tests.integration.test_containers import _json, make_spec
+
+    cfg = make_spec(rootfs, args)
+    if pod:
+        cfg["annotations"] = {"io.katacontainers.pkg.oci.container_type": "pod_container"}
+    return _json(cfg)
+
+
+def test_kata_rego_policy_at_boot(agent_factory):
+    pytest.importorskip("regopy", reason="regopy has glibc wheels for x86_64 only")
+    a = agent_factory(["--policy-file", str(POLICIES / "allow-all-except-exec-process.rego")])
+    a.client.call("ListRoutes")
+    assert "ExecProcessRequest" in denied(a.client, "ExecProcess", {"container_id": "x", "exec_id": "y"})
