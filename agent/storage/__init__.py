@@ -1,7 +1,8 @@
 """Storages: drivers keyed by driver name, and refcounted mounts per mount point.
 
-A Storage names a driver (``virtio-fs``, ``9p``, ``blk``, ``mmioblk``, ``scsi``, ``nvdimm``,
-``ephemeral``, ``local``, ``overlayfs``, and our own ``bind``; the table is agent.storage.drivers), a source, options and a
+A Storage names a driver (``virtio-fs``, ``blk``, ``mmioblk``, ``scsi``, ``nvdimm``, ``ephemeral``,
+``local``, ``overlayfs``, and our own ``bind``; no ``9p``: the guest's cloud kernel has no 9p at
+all, so it is not offered; the table is agent.storage.drivers), a source, options and a
 mount point that must lie under /run/kata-containers/. Every storage of a request is checked
 before anything is mounted. Mounts are shared: the same mount point requested again (a second
 container) takes a reference; the mount goes away with the last reference.

@@ -7,7 +7,6 @@ from agent.storage.blk import Blk
 from agent.storage.ephemeral import Ephemeral
 from agent.storage.local import Local
 from agent.storage.mmioblk import MmioBlk
-from agent.storage.ninep import NineP
 from agent.storage.nvdimm import Nvdimm
 from agent.storage.overlayfs import Overlay
 from agent.storage.scsi import Scsi
@@ -23,5 +22,5 @@ def _table(*drivers) -> dict:
     return table
 
 
-DRIVERS = _table(VirtioFs(), NineP(), Blk(), MmioBlk(), Scsi(), Nvdimm(), Ephemeral(), Local(),
-                 Overlay(), Bind())
+# No 9p: the guest's cloud kernel has no 9p at all, so it is not offered.
+DRIVERS = _table(VirtioFs(), Blk(), MmioBlk(), Scsi(), Nvdimm(), Ephemeral(), Local(), Overlay(), Bind())

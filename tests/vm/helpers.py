@@ -108,7 +108,7 @@ def run(stub, cid: str, args: list[str], root_path: str, **kw) -> tuple[int, str
 
 
 def remove(stub, cid: str) -> None:
-    """SIGKILL first, as Kata's runtime does (a PID-1 `sleep` ignores RemoveContainer's SIGTERM)."""
+    """SIGKILL first, as Kata's runtime does before RemoveContainer (which kills at once anyway)."""
     try:
         stub.SignalProcess(agent_pb2.SignalProcessRequest(container_id=cid, signal=9), timeout=10)
     except grpc.RpcError:
