@@ -29,6 +29,27 @@ def agent_stub(addr: str):
         yield client.agent
 
 
+@contextlib.contextmanager
+def private_guest(tmp_path_factory, name: str, arch: str = "x86_64", **guest_kw):
+    """A guest of a test module's own (its own QEMU devices), without virtio-fs, with the debug
+    shell; skipped where QEMU cannot run; cleaned up afterwards."""
+    import pytest
+
+    from qemu.vm import Guest, qemu_binary
+    from tests.vm.conftest import _ensure_image
+
+    if qemu_binary(arch) is None:
+        pytest.skip(f"qemu-system-{arch} is not installed: QEMU cannot run here")
+    _ensure_image(arch)
+    g = Guest(arch=arch, virtiofs=False, debug_console=True, run_dir=tmp_path_factory.mktemp(name) / "vm",
+              name=f"test-{name}", boot_timeout=150, **guest_kw)
+    g.start()
+    try:
+        yield g
+    finally:
+        g.cleanup()
+
+
 def new_id(prefix: str = "c") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 

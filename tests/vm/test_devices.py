@@ -19,9 +19,8 @@ import pytest
 
 from agent.protocols import agent_pb2
 from kata_agent_client.spec import spec_from_config
-from qemu.vm import Guest, qemu_binary
+from qemu.vm import Guest
 from tests.vm import helpers as h
-from tests.vm.conftest import _ensure_image
 
 BRIDGE_SLOT = 0x11
 SCSI_ID = 1
@@ -84,10 +83,6 @@ def _with_pfn_info(fs_image, dest):
 
 @pytest.fixture(scope="module")
 def q35(tmp_path_factory, disks):
-    if qemu_binary("x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed: QEMU cannot run here")
-    _ensure_image("x86_64")
-    root = tmp_path_factory.mktemp("q35dev")
     extra = ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off",
              "-device", f"pci-bridge,id=br1,bus=pcie.0,chassis_nr=1,addr={BRIDGE_SLOT:#x}",
              "-device", "virtio-scsi-pci,id=scsi0,bus=pcie.0,addr=0x12",
@@ -98,12 +93,9 @@ def q35(tmp_path_factory, disks):
              "-object", f"memory-backend-file,id=nv1,share=off,mem-path={disks['pmem']},"
                         f"size={PMEM_DATA_OFFSET + PMEM_FS}",
              "-device", "nvdimm,memdev=nv1,id=nvdimm1"]
-    g = Guest(machine="q35", smp=1, memory="512M,slots=2,maxmem=2G", virtiofs=False, debug_console=True,
-              extra_args=extra,
-              cmdline="agent.hotplug_timeout=5", run_dir=root / "vm", name="test-q35dev", boot_timeout=150)
-    g.start()
-    yield g
-    g.cleanup()
+    with h.private_guest(tmp_path_factory, "q35dev", machine="q35", smp=1, memory="512M,slots=2,maxmem=2G",
+                         extra_args=extra, cmdline="agent.hotplug_timeout=5") as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
@@ -227,16 +219,10 @@ def test_device_by_pci_path(q35, stub, disks):
 @pytest.fixture(scope="module")
 def microvm(tmp_path_factory, disks):
     """A microvm guest (virtio-mmio only) with a cold-plugged virtio-blk disk: /dev/vda."""
-    if qemu_binary("x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed: QEMU cannot run here")
-    _ensure_image("x86_64")
     extra = ["-drive", f"file={disks['bridged']},if=none,id=mm0,format=raw,readonly=on",
              "-device", "virtio-blk-device,drive=mm0"]
-    g = Guest(machine="microvm", smp=1, virtiofs=False, debug_console=True, extra_args=extra,
-              run_dir=tmp_path_factory.mktemp("mmio") / "vm", name="test-mmioblk", boot_timeout=150)
-    g.start()
-    yield g
-    g.cleanup()
+    with h.private_guest(tmp_path_factory, "mmioblk", machine="microvm", smp=1, extra_args=extra) as g:
+        yield g
 
 
 def test_mmioblk_storage_on_microvm(microvm):

@@ -18,9 +18,8 @@ import grpc
 import pytest
 
 from agent.protocols import agent_pb2, csi_pb2
-from qemu.vm import Guest, qemu_binary
+from qemu.vm import Guest
 from tests.vm import helpers as h
-from tests.vm.conftest import _ensure_image
 
 PORTS = {"rp1": 0x10, "rp2": 0x11}
 DISK_MOUNT = "/run/kata-containers/sandbox/storage/disk1"
@@ -28,18 +27,12 @@ DISK_MOUNT = "/run/kata-containers/sandbox/storage/disk1"
 
 @pytest.fixture(scope="module")
 def q35(tmp_path_factory):
-    if qemu_binary("x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed: QEMU cannot run here")
-    _ensure_image("x86_64")
-    root = tmp_path_factory.mktemp("q35")
     extra = []
     for i, (name, slot) in enumerate(PORTS.items(), 1):
         extra += ["-device", f"pcie-root-port,id={name},bus=pcie.0,chassis={i},addr={slot:#x}"]
-    g = Guest(machine="q35", smp=1, maxcpus=2, virtiofs=False, debug_console=True, extra_args=extra,
-              cmdline="agent.hotplug_timeout=20", run_dir=root / "vm", name="test-q35", boot_timeout=150)
-    g.start()
-    yield g
-    g.cleanup()
+    with h.private_guest(tmp_path_factory, "q35", machine="q35", smp=1, maxcpus=2, extra_args=extra,
+                         cmdline="agent.hotplug_timeout=20") as g:
+        yield g
 
 
 @pytest.fixture(scope="module")
