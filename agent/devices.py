@@ -94,13 +94,13 @@ def pci_devpath(slots: list[str]) -> str | None:
     return path
 
 
-def _block_below(devpath_fragment: str, *, prefix: bool) -> Node | None:
+def _block_below(hit) -> Node | None:
+    """The first whole-disk block device whose sysfs path (without /sys) satisfies ``hit``."""
     for entry in sorted(glob.glob(os.path.join(SYSFS, "class/block", "*"))):
         real = os.path.realpath(entry)[len(SYSFS):]
         if os.path.exists(os.path.join(entry, "partition")):
             continue
-        hit = real.startswith(devpath_fragment + "/") if prefix else devpath_fragment in real
-        if hit:
+        if hit(real):
             node = block_node(os.path.basename(entry))
             if node is not None:
                 return node
@@ -157,7 +157,7 @@ async def wait_block_by_pci(uevents, pci_path: str, timeout: float, what: str) -
             return None
         if event is not None and not event.devpath.startswith(devpath + "/"):
             return None
-        return _block_below(devpath, prefix=True)
+        return _block_below(lambda real: real.startswith(devpath + "/"))
 
     return await wait(uevents, match, timeout, what)
 
@@ -173,12 +173,14 @@ async def wait_block_by_scsi(uevents, addr: str, timeout: float, what: str) -> N
         raise InvalidArgument(f"{what}: {addr!r} is not a SCSI address 'target:lun'")
     target, lun = addr.split(":")
     scsi_scan(target, lun)
-    fragment = f"/0:0:{target}:{lun}/block/"
+    # host:channel:target:lun on channel 0 of any host: the guest may have other SCSI hosts
+    # first (q35's AHCI ports are host0-5 in the cloud kernel), so the host number is not 0
+    here = re.compile(rf"/\d+:0:{target}:{lun}/block/")
 
     def match(event: Uevent | None) -> Node | None:
-        if event is not None and not (_is_block(event) and fragment in event.devpath + "/"):
+        if event is not None and not (_is_block(event) and here.search(event.devpath + "/")):
             return None
-        return _block_below(fragment.rstrip("/"), prefix=False)
+        return _block_below(lambda real: here.search(real + "/") is not None)
 
     return await wait(uevents, match, timeout, what)
 
