@@ -10,6 +10,7 @@ runtime names it. (VFIO stays untested here: there is no device to pass through.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -23,6 +24,7 @@ from qemu.vm import Guest
 from tests.vm import helpers as h
 
 BRIDGE_SLOT = 0x11
+LOG_VPORT, CONSOLE_VPORT = 1025, 1026
 SCSI_ID = 1
 STORAGE = "/run/kata-containers/sandbox/storage"
 
@@ -94,7 +96,9 @@ def q35(tmp_path_factory, disks):
                         f"size={PMEM_DATA_OFFSET + PMEM_FS}",
              "-device", "nvdimm,memdev=nv1,id=nvdimm1"]
     with h.private_guest(tmp_path_factory, "q35dev", machine="q35", smp=1, memory="512M,slots=2,maxmem=2G",
-                         extra_args=extra, cmdline="agent.hotplug_timeout=5") as g:
+                         extra_args=extra,
+                         cmdline=f"agent.hotplug_timeout=5 agent.log_vport={LOG_VPORT} "
+                                 f"agent.debug_console_vport={CONSOLE_VPORT}") as g:
         yield g
 
 
@@ -234,3 +238,37 @@ def test_mmioblk_storage_on_microvm(microvm):
     assert (status, out) == (0, "the bridged disk\n"), err
     rc, path = microvm.shell("readlink -f /sys/class/block/vda")
     assert rc == 0 and "virtio-mmio" in path or "/platform/" in path, path
+
+
+VSOCK_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect((1, int(sys.argv[1])))  # the guest's own vsock (vsock_loopback)
+if sys.argv[2] == "log":
+    buf, lines = b"", []
+    while not any(e["msg"] == "agent serving" for e in lines):
+        buf += s.recv(65536)
+        lines = [json.loads(l) for l in buf.split(b"\\n")[:-1]]  # whole lines only
+    print(json.dumps({"levels": sorted({e["level"] for e in lines}),
+                      "serving": [e["level"] for e in lines if e["msg"] == "agent serving"]}))
+else:
+    s.sendall(b"echo vsock-shell-$((6*7)) $(id -u)\\n")
+    buf = b""
+    while b"vsock-shell-42" not in buf:
+        buf += s.recv(65536)
+    print(buf.decode(errors="replace").split("vsock-shell-42")[1].split()[0])
+"""
+
+
+def test_log_port_and_debug_console_on_vsock_in_guest(q35):
+    """agent.log_vport and agent.debug_console_vport, reached over the guest's own vsock."""
+    rc, out = q35.shell(f"cat > /tmp/vsock_client.py <<'EOF'{VSOCK_CLIENT}EOF")
+    assert rc == 0, out
+    rc, out = q35.shell(f"python3 /tmp/vsock_client.py {LOG_VPORT} log")
+    assert rc == 0, out
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["serving"] == ["INFO"], got
+    assert set(got["levels"]) <= {"TRCE", "DEBG", "INFO", "WARN", "ERRO", "CRIT"}, got
+    rc, out = q35.shell(f"python3 /tmp/vsock_client.py {CONSOLE_VPORT} shell")
+    assert (rc, out.strip()) == (0, "0"), out  # a root shell
