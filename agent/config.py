@@ -238,9 +238,6 @@ def from_cmdline(cmdline: dict[str, str]) -> Config:
     cfg.container_pipe_size = boot.get("container_pipe_size", 0)
     cfg.dev_mode = boot.get("devmode", False)
     cfg.unified_cgroup_hierarchy = boot.get("unified_cgroup_hierarchy", True)
-    if not cfg.unified_cgroup_hierarchy:
-        cfg.notes.append(("warning", "agent.unified_cgroup_hierarchy=0: this agent mounts cgroup2 only "
-                                     "(containers on cgroup v1 need the hierarchies mounted by the image)"))
     cfg.trace = boot.get("trace", False)
     if cfg.trace:
         cfg.notes.append(("warning", "agent.trace: tracing (OpenTelemetry) is not supported by this agent, ignored"))

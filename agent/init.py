@@ -99,7 +99,9 @@ def _is_mountpoint(path: str) -> bool:
         return False
 
 
-def mount_basics() -> None:
+def mount_basics(unified_cgroup_hierarchy: bool = True) -> None:
+    """The basic file systems; cgroup2 at /sys/fs/cgroup, or with ``unified_cgroup_hierarchy``
+    false (agent.unified_cgroup_hierarchy=0, Kata's default) the cgroup v1 hierarchies."""
     nsd = MS_NOSUID | MS_NODEV
     table = [
         ("proc", "/proc", "proc", nsd | MS_NOEXEC, None),
@@ -113,6 +115,8 @@ def mount_basics() -> None:
         # grace period, so a container's init can move itself (agent.runtime.container).
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", nsd | MS_NOEXEC | MS_RELATIME, "nsdelegate,favordynmods"),
     ]
+    if not unified_cgroup_hierarchy:
+        table = table[:-1] + [("tmpfs", "/sys/fs/cgroup", "tmpfs", nsd | MS_NOEXEC, "mode=0755")]
     for source, target, fstype, flags, data in table:
         if target != "/" and _is_mountpoint(target):
             continue
@@ -130,6 +134,9 @@ def mount_basics() -> None:
             os.symlink("pts/ptmx", "/dev/ptmx")
         except OSError:
             pass
+    if not unified_cgroup_hierarchy:
+        mount_cgroup_v1()
+        return
     # Hand every available cgroup v2 controller down to child cgroups.
     try:
         with open("/sys/fs/cgroup/cgroup.controllers") as f:
@@ -138,6 +145,45 @@ def mount_basics() -> None:
             f.write(" ".join("+" + c for c in ctrls))
     except OSError as e:
         _log(f"cgroup2 controllers: {e}")
+
+
+# Controllers sharing one v1 hierarchy, as distributions (and runc's expectations) have them.
+V1_COMBINED = (("cpu", "cpuacct"), ("net_cls", "net_prio"))
+
+
+def v1_hierarchies(proc_cgroups: str) -> list[tuple[str, ...]]:
+    """The v1 hierarchies to mount from /proc/cgroups' enabled controllers, combined ones together."""
+    enabled = [f[0] for f in (line.split() for line in proc_cgroups.splitlines())
+               if len(f) == 4 and not f[0].startswith("#") and f[3] == "1"]
+    out: list[tuple[str, ...]] = []
+    for name in enabled:
+        group = next((g for g in V1_COMBINED if name in g), (name,))
+        group = tuple(c for c in group if c in enabled)
+        if group not in out:
+            out.append(group)
+    return out
+
+
+def mount_cgroup_v1() -> None:
+    """One cgroup v1 hierarchy per controller (cpu,cpuacct and net_cls,net_prio together, with a
+    symlink per name) under the tmpfs at /sys/fs/cgroup."""
+    try:
+        with open("/proc/cgroups") as f:
+            groups = v1_hierarchies(f.read())
+    except OSError as e:
+        _log(f"cgroup v1: {e}")
+        return
+    for group in groups:
+        name = ",".join(group)
+        target = f"/sys/fs/cgroup/{name}"
+        if _is_mountpoint(target) or not _mount("cgroup", target, "cgroup",
+                                                 MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RELATIME, name):
+            continue
+        for member in group if len(group) > 1 else ():
+            try:
+                os.symlink(name, f"/sys/fs/cgroup/{member}")
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------- kernel modules
@@ -444,8 +490,12 @@ def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
     os.environ.setdefault("PATH", DEFAULT_PATH)
     os.environ.setdefault("HOME", "/root")
     os.umask(0o022)
-    mount_basics()
-    cmdline = _merge_cmdline(read_cmdline(), cmdline or {})
+    cmdline = _merge_cmdline(read_cmdline(), cmdline or {})  # mounts /proc first when needed
+    if settings is None:
+        from agent import config
+
+        settings = config.from_cmdline(config.agent_keys(cmdline))
+    mount_basics(settings.unified_cgroup_hierarchy)
     t1 = time.monotonic()
     extra = [m for m in cmdline.get("agent.modules", "").split(",") if m]
     failed = load_modules(list(BOOT_MODULES) + extra)
@@ -470,10 +520,6 @@ def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
         identity.ensure_machine_id()
     except OSError as e:
         _log(f"machine-id: {e}")
-    if settings is None:
-        from agent import config
-
-        settings = config.from_cmdline(config.agent_keys(cmdline))
     if (settings.debug_console or settings.debug_console_vport) and debug_console_allowed(settings.policy_file):
         start_debug_console(cmdline, settings)
     _log(f"pid1 set-up {time.monotonic() - t0:.3f}s (mounts {t1 - t0:.3f}, modules {t2 - t1:.3f}, "

@@ -196,3 +196,13 @@ def test_pipe_size_is_applied_to_container_stdio():
     finally:
         for fd in child + [stdio.stdin, stdio.stdout, stdio.stderr]:
             os.close(fd)
+
+
+def test_cgroup_v1_hierarchies_from_proc_cgroups():
+    from agent.init import v1_hierarchies
+
+    proc = ("#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t0\t1\t1\ncpu\t0\t1\t1\ncpuacct\t0\t1\t1\n"
+            "blkio\t0\t1\t1\nmemory\t0\t1\t1\ndevices\t0\t1\t1\nfreezer\t0\t1\t1\nnet_cls\t0\t1\t1\n"
+            "perf_event\t0\t1\t1\nnet_prio\t0\t1\t1\nhugetlb\t0\t1\t0\npids\t0\t1\t1\n")
+    assert v1_hierarchies(proc) == [("cpuset",), ("cpu", "cpuacct"), ("blkio",), ("memory",), ("devices",),
+                                    ("freezer",), ("net_cls", "net_prio"), ("perf_event",), ("pids",)]

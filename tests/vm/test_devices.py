@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from agent.protocols import agent_pb2
-from kata_agent_client.spec import spec_from_config
+from kata_agent_client.spec import default_config, spec_from_config
 from qemu.vm import Guest
 from tests.vm import helpers as h
 
@@ -201,8 +201,6 @@ def test_device_by_pci_path(q35, stub, disks):
     root = f"{STORAGE}/scsi-dev"
     storage = agent_pb2.Storage(driver="scsi", source=f"{SCSI_ID}:0", fstype="ext4", options=["ro"],
                                 mount_point=root)
-    from kata_agent_client.spec import default_config
-
     cfg = default_config(["sh", "-c", "dd if=/dev/xdisk bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1"])
     cfg["root"]["path"] = f"{root}/rootfs"
     cfg.pop("hostname")
@@ -222,22 +220,48 @@ def test_device_by_pci_path(q35, stub, disks):
 
 @pytest.fixture(scope="module")
 def microvm(tmp_path_factory, disks):
-    """A microvm guest (virtio-mmio only) with a cold-plugged virtio-blk disk: /dev/vda."""
+    """A microvm guest (virtio-mmio only) with a cold-plugged virtio-blk disk (/dev/vda), booted
+    with agent.unified_cgroup_hierarchy=0: the cgroup v1 hierarchies, as Kata's default."""
     extra = ["-drive", f"file={disks['bridged']},if=none,id=mm0,format=raw,readonly=on",
              "-device", "virtio-blk-device,drive=mm0"]
-    with h.private_guest(tmp_path_factory, "mmioblk", machine="microvm", smp=1, extra_args=extra) as g:
+    with h.private_guest(tmp_path_factory, "mmioblk", machine="microvm", smp=1, extra_args=extra,
+                         cmdline="agent.unified_cgroup_hierarchy=0") as g:
         yield g
 
 
+MMIO_STORAGE = agent_pb2.Storage(driver="mmioblk", source="/dev/vda", fstype="ext4", options=["ro"],
+                                 mount_point=f"{STORAGE}/mmio")
+
+
 def test_mmioblk_storage_on_microvm(microvm):
-    storage = agent_pb2.Storage(driver="mmioblk", source="/dev/vda", fstype="ext4", options=["ro"],
-                                mount_point=f"{STORAGE}/mmio")
     with h.agent_stub(microvm.addr) as stub:
         status, out, err = h.run(stub, h.new_id("mmio"), ["cat", "/which.txt"], f"{STORAGE}/mmio/rootfs",
-                                 storages=[storage])
+                                 storages=[MMIO_STORAGE])
     assert (status, out) == (0, "the bridged disk\n"), err
     rc, path = microvm.shell("readlink -f /sys/class/block/vda")
-    assert rc == 0 and "virtio-mmio" in path or "/platform/" in path, path
+    assert rc == 0 and ("virtio-mmio" in path or "/platform/" in path), path
+
+
+def test_cgroup_v1_guest_limits_a_container(microvm):
+    """agent.unified_cgroup_hierarchy=0: v1 hierarchies at boot, and a container's memory limit
+    lands in its own v1 memory cgroup."""
+    rc, mounts = microvm.shell("grep cgroup /proc/mounts")
+    assert rc == 0 and " /sys/fs/cgroup/memory cgroup " in mounts and "cgroup2" not in mounts, mounts
+    cid = h.new_id("v1")
+    with h.agent_stub(microvm.addr) as stub:
+        h.create(stub, cid, ["sh", "-c", "grep :memory: /proc/self/cgroup; exec sleep 600"],
+                 f"{STORAGE}/mmio/rootfs", storages=[MMIO_STORAGE],
+                 linux={**default_config()["linux"], "resources": {
+                     "devices": [{"allow": False, "access": "rwm"}], "memory": {"limit": 64 << 20}}})
+        try:
+            stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
+            line = h.read_until(stub, cid, b"\n").decode().strip()
+            path = line.split(":", 2)[2]
+            assert cid in path, line
+            rc, limit = microvm.shell(f"cat /sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+            assert (rc, limit.strip()) == (0, str(64 << 20)), limit
+        finally:
+            h.remove(stub, cid)
 
 
 VSOCK_CLIENT = """
