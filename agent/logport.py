@@ -67,10 +67,12 @@ class LogPort(logging.Handler):
         elif a.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target = "\0" + a.host if a.abstract else a.host
-        else:
+        elif a.scheme == "tcp":
             sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             target = (a.host, a.port)
+        else:  # a virtio-serial port has one reader, the agent's own channel: not a log port
+            raise OSError(0, f"log port {a}: a log port listens on vsock, unix or tcp")
         try:
             sock.bind(target)
             sock.listen(1)

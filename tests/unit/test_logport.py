@@ -84,3 +84,8 @@ def test_a_port_in_use_is_an_error_naming_it(port, tmp_path):
     other = LogPort(parse_address(f"unix://{path}"))
     with pytest.raises(OSError, match=f"log port unix://{path}"):
         other.listen()
+
+
+def test_a_serial_address_is_refused():
+    with pytest.raises(OSError, match="log port serial:///dev/virtio-ports/x: a log port listens on vsock"):
+        LogPort(parse_address("serial:///dev/virtio-ports/x")).listen()
