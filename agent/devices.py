@@ -204,8 +204,29 @@ async def wait_vfio(uevents, pci_path: str, timeout: float, what: str) -> Node:
     return await wait(uevents, match, timeout, what)
 
 
+# Drivers a device type needs that nothing autoloads without udev (Debian's cloud kernel builds
+# them as modules; Kata's guest kernel has them built in): loaded once, before the first wait.
+TYPE_MODULES = {"scsi": ("sd_mod",), "nvdimm": ("acpi_nfit", "nd_pmem")}
+_loaded_for: set[str] = set()
+
+
+async def load_type_modules(dtype: str) -> None:
+    """Best effort: a module built in or absent is no error (the wait names a missing device)."""
+    modules = TYPE_MODULES.get(dtype)
+    if not modules or dtype in _loaded_for:
+        return
+    from agent.runtime import command
+
+    done = await command.run(["modprobe", "-a", "-q", *modules], timeout=30)
+    if done.returncode == 0:
+        _loaded_for.add(dtype)
+    else:
+        log.warning("modprobe %s: %s", " ".join(modules), done.error_text())
+
+
 async def wait_device(uevents, dtype: str, source: str, timeout: float, what: str) -> Node:
     """Wait for a device of Kata type ``dtype`` named by ``source``."""
+    await load_type_modules(dtype)
     if dtype == "blk":
         if source.startswith("/"):
             return await wait_block_by_name(uevents, source, timeout, what)

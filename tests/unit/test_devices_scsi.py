@@ -38,3 +38,21 @@ def test_another_target_is_not_taken(tmp_path, monkeypatch):
     _disk(tmp_path, 6, 2, 0, "sda")
     with pytest.raises(DeadlineExceeded, match="did not appear"):
         asyncio.run(devices.wait_block_by_scsi(None, "1:0", 0.2, "storages[0].source"))
+
+
+def test_type_modules_are_loaded_once_before_the_wait(monkeypatch):
+    from agent.runtime import command
+
+    calls = []
+
+    async def fake_run(argv, **kw):
+        calls.append(argv)
+        return command.Completed(argv, 0, b"", b"")
+
+    monkeypatch.setattr(command, "run", fake_run)
+    monkeypatch.setattr(devices, "_loaded_for", set())
+    for _ in range(2):
+        asyncio.run(devices.load_type_modules("scsi"))
+        asyncio.run(devices.load_type_modules("nvdimm"))
+        asyncio.run(devices.load_type_modules("blk"))
+    assert calls == [["modprobe", "-a", "-q", "sd_mod"], ["modprobe", "-a", "-q", "acpi_nfit", "nd_pmem"]]

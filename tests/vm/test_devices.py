@@ -287,7 +287,7 @@ else:
 
 def test_log_port_and_debug_console_on_vsock_in_guest(q35):
     """agent.log_vport and agent.debug_console_vport, reached over the guest's own vsock."""
-    rc, out = q35.shell(f"cat > /tmp/vsock_client.py <<'EOF'{VSOCK_CLIENT}EOF")
+    rc, out = q35.shell(f"modprobe vsock_loopback && cat > /tmp/vsock_client.py <<'EOF'{VSOCK_CLIENT}EOF")
     assert rc == 0, out
     rc, out = q35.shell(f"python3 /tmp/vsock_client.py {LOG_VPORT} log")
     assert rc == 0, out
