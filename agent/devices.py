@@ -206,7 +206,7 @@ async def wait_vfio(uevents, pci_path: str, timeout: float, what: str) -> Node:
 
 # Drivers a device type needs that nothing autoloads without udev (Debian's cloud kernel builds
 # them as modules; Kata's guest kernel has them built in): loaded once, before the first wait.
-TYPE_MODULES = {"scsi": ("sd_mod",), "nvdimm": ("acpi_nfit", "nd_pmem")}
+TYPE_MODULES = {"scsi": ("sd_mod",), "nvdimm": ("nfit", "nd_pmem")}
 _loaded_for: set[str] = set()
 
 

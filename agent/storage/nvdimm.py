@@ -1,5 +1,5 @@
 """``nvdimm``: a persistent-memory device ``/dev/pmemN``, mounted with ``dax``. The kernel finds
-QEMU's NVDIMM through ACPI NFIT (agent.devices loads acpi_nfit and nd_pmem first)."""
+QEMU's NVDIMM through ACPI NFIT (agent.devices loads nfit and nd_pmem first)."""
 
 from __future__ import annotations
 
