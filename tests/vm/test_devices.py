@@ -158,7 +158,7 @@ def test_nvdimm_storage_mounted_with_dax(q35, stub):
     h.create(stub, cid, ["cat", "/which.txt"], f"{STORAGE}/pmem/rootfs", storages=[storage])
     try:
         rc, mounts = q35.shell(f"grep ' {STORAGE}/pmem ' /proc/mounts")
-        assert rc == 0 and mounts.startswith("/dev/pmem0 ") and "dax" in mounts, mounts
+        assert rc == 0 and mounts.strip().startswith("/dev/pmem0 ") and "dax" in mounts, mounts
         stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
         assert h.wait(stub, cid) == 0
         assert h.read_stream(stub, cid) == b"the pmem disk\n"
