@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(runc crun busybox-static iproute2 iptables kmod e2fsprogs util-linux
               qemu-system-x86 qemu-system-arm qemu-utils mmdebstrap cpio zstd libseccomp2 tmux
-              golang-go golang-github-containerd-ttrpc-dev)
+              golang-go golang-github-containerd-ttrpc-dev containerd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

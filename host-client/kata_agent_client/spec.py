@@ -131,14 +131,19 @@ def _scalar(fd: FieldDescriptor, value: Any, where: str) -> Any:
 
 def spec_from_config(config: dict[str, Any]) -> oci_pb2.Spec:
     """config.json (as parsed JSON) to grpc.Spec. Unknown keys are refused, not dropped."""
-    spec = oci_pb2.Spec()
+    return message_from_json(oci_pb2.Spec, config, "config")
+
+
+def message_from_json(cls, data: dict[str, Any], where: str):
+    """Any part of config.json (a process, resources) to its grpc message ``cls``."""
+    msg = cls()
     try:
-        _fill(spec, config, "config")
+        _fill(msg, data, where)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, SpecError):
             raise
         raise SpecError(str(exc)) from exc
-    return spec
+    return msg
 
 
 def _json_key(fd: FieldDescriptor) -> str:
