@@ -211,7 +211,7 @@ class TaskService:
 
     async def _connect(self) -> None:
         from agent.config import parse_address
-        from kata_agent_client.client import dial
+        from kata_agent_client.dial import dial
 
         sock = await asyncio.to_thread(dial, parse_address(self.sandbox.addr), 10)
         self.agent = await ttrpc.AsyncClient.connect(sock)
