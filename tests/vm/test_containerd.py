@@ -93,9 +93,13 @@ def events(ctrd):
         proc = subprocess.Popen(["ctr", "--address", str(ctrd.socket), "events"], stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def topics(cid: str) -> list[str]:
-        return [line.split()[3] for line in out.read_text().splitlines()
-                if len(line.split()) > 4 and cid in line and line.split()[3].startswith("/tasks/")]
+    def topics(cid: str) -> list[str]:  # lines: TIMESTAMP (several words) NAMESPACE TOPIC EVENT-JSON
+        found = []
+        for line in out.read_text().splitlines():
+            words = [w for w in line.split() if w.startswith("/tasks/")]
+            if words and cid in line:
+                found.append(words[0])
+        return found
 
     try:
         yield topics
