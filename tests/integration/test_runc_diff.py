@@ -1,6 +1,7 @@
 """Differential tests: the same config.json under Debian's runc and under the agent must give the
 container the same view of itself (ids, caps, NoNewPrivs, rlimits, env, cwd, hostname, mounts, /dev,
-namespaces, and the flags of each cgroup mount)."""
+namespaces, the flags of each cgroup mount, and which cgroups are the container's own, the v1
+name=systemd one included)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ echo "== cgroup mount flags"; awk '$5 ~ /^\/sys\/fs\/cgroup/ { print $5, $6 }' /
 echo "== dev"; ls -l /dev | awk '{ print substr($1, 1, 1), $1, $3, $4, $9, $10, $11 }' | sort
 echo "== ns"; ls /proc/self/ns
 echo "== umask"; umask
+echo "== own cgroups"; awk -F: '{ print $2, ($3 == "/" ? "the whole hierarchy" : "its own") }' /proc/self/cgroup | sort
+echo "== name=systemd shows"; find /sys/fs/cgroup/systemd -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
 """
 
 

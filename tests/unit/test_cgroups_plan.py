@@ -296,3 +296,14 @@ def test_device_filter_program_shape():
     assert code[-16:] == bytes([0xB7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0])  # deny
     allow_by_default = devices_bpf.program(rules[1:])
     assert allow_by_default[-16:-8] == bytes([0xB7, 0, 0, 0, 1, 0, 0, 0])
+
+
+def test_name_systemd_is_joined_like_runc(tmp_path):
+    text = ("30 25 0:26 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n"
+            "31 25 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+            "32 25 0:28 / /sys/fs/cgroup/other rw - cgroup cgroup rw,name=other\n")
+    (tmp_path / "mountinfo").write_text(text)
+    lay = layout.detect_layout(str(tmp_path / "mountinfo"))
+    assert lay.named == ("/sys/fs/cgroup/systemd",)  # name=other: not joined, as runc
+    assert lay.roots() == ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/systemd"]
+    assert lay.mode == "v1"

@@ -39,6 +39,9 @@ class Layout:
     # cgroup2 mounted with favordynmods (Linux 6.0): moving a running process into a v2 cgroup
     # then waits for no RCU grace period (forks and exits pay a little instead).
     v2_dynmods: bool = False
+    # Named v1 hierarchies without controllers that a container joins, as runc's fs driver does:
+    # name=systemd only. Its cgroup shows in the container's /sys/fs/cgroup/systemd.
+    named: tuple[str, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -64,6 +67,7 @@ class Layout:
             mount = self.v1.get(logical)
             if mount and mount not in seen:
                 seen.append(mount)
+        seen.extend(m for m in self.named if m not in seen)
         if self.v2 and self.v2 not in seen:
             seen.append(self.v2)
         return seen
@@ -86,6 +90,20 @@ def hierarchies(mounts: list[linux.MountEntry]) -> tuple[dict[str, str], str | N
     return v1, v2, dynmods
 
 
+JOINED_NAMED = ("name=systemd",)
+
+
+def named_hierarchies(mounts: list[linux.MountEntry]) -> tuple[str, ...]:
+    """Mount points of the named v1 hierarchies a container joins (JOINED_NAMED)."""
+    out: list[str] = []
+    for m in mounts:
+        opts = m.super_options.split(",")
+        if (m.fstype == "cgroup" and any(n in opts for n in JOINED_NAMED)
+                and not any(o in LOGICAL for o in opts) and m.mount_point not in out):
+            out.append(m.mount_point)
+    return tuple(out)
+
+
 def read_controllers(root: str) -> frozenset[str]:
     try:
         with open(os.path.join(root, "cgroup.controllers")) as f:
@@ -98,5 +116,6 @@ def detect_layout(mountinfo: str = "/proc/self/mountinfo", v2_root: str | None =
     """The machine's layout; ``v2_root`` forces a pure v2 layout rooted at that directory."""
     if v2_root is not None:
         return Layout({}, v2_root, read_controllers(v2_root))
-    v1, v2, dynmods = hierarchies(linux.mountinfo(mountinfo))
-    return Layout(v1, v2, read_controllers(v2) if v2 else frozenset(), dynmods)
+    mounts = linux.mountinfo(mountinfo)
+    v1, v2, dynmods = hierarchies(mounts)
+    return Layout(v1, v2, read_controllers(v2) if v2 else frozenset(), dynmods, named_hierarchies(mounts))
