@@ -19,8 +19,9 @@ task makes the VM template). The breakdown comes from the shim's own marks (KATA
   other          the rest of ctr's wall time: ctr, containerd, the shim's start (two Python
                  start-ups: `start` and the daemon it leaves), Wait/Delete/Shutdown round trips
 
-runc's shim keeps its sockets under /run/containerd/s (its path is built in); everything else stays
-in the temporary directory.
+runc's shim keeps its sockets under /run/containerd/s and runc's state under /run/containerd/runc
+(built in); when /run/containerd did not exist before, the empty directories it leaves are removed.
+Everything else stays in the temporary directory.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/containerd.py runs containerd: run it as root", file=sys.stderr)
         return 2
+    run_containerd = Path("/run/containerd")
+    made_run_containerd = not run_containerd.exists()
     c = Containerd()
     timings = c.dir / "timings.jsonl"
     os.environ["KATA_SHIM_TIMINGS"] = str(timings)  # containerd passes it on to the shims
@@ -99,6 +102,16 @@ def main() -> int:
         left = c.leftovers()
     finally:
         c.stop()
+        if made_run_containerd and run_containerd.exists():  # runc's shim made it: only empty dirs go
+            for d in sorted((p for p in run_containerd.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                run_containerd.rmdir()
+            except OSError:
+                pass
     print(f"ctr run --rm {IMAGE} ID true, median of {a.runs} (ms; interleaved, after one warm-up each)")
     for name in RUNTIMES:
         print(f"  {name:<14}{med(walls[name])}   (min {min(walls[name]) * 1000:.0f}, max {max(walls[name]) * 1000:.0f})")

@@ -247,3 +247,20 @@ def test_kill_9_of_the_shim_leaves_nothing_behind(ctrd):
         ctrd.ctr("task", "delete", "--force", cid, check=False)
         ctrd.ctr("containers", "rm", cid, check=False)
     assert ctrd.leftovers() == []
+
+
+def test_exec_leaving_a_child_that_holds_its_output_returns(ctrd):
+    """The exec's shell exits while a child it left holds stdout open: ctr gets the exit and the
+    output written before it, and does not hang on the open stream (Kata #8026)."""
+    cid = new_id()
+    ctrd.ctr(*ctrd.run_args("-d", IMAGE, cid, "sleep", "600"))
+    try:
+        r = ctrd.ctr("task", "exec", "--exec-id", "bg", "--fifo-dir", str(ctrd.fifo_dir), cid,
+                     "sh", "-c", "sleep 600 & echo started; exit 4", check=False, timeout=120)
+        assert r.returncode == 4 and r.stdout == b"started\n", (r.stdout, r.stderr)
+    finally:
+        ctrd.ctr("task", "kill", "-s", "KILL", cid, check=False)
+        _wait_status(ctrd, cid, "STOPPED")
+        ctrd.ctr("task", "delete", cid, check=False)
+        ctrd.ctr("containers", "rm", cid, check=False)
+    assert ctrd.leftovers() == []

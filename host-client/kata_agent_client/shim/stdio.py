@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 
 from agent import ttrpc
 from agent.protocols import agent_pb2
@@ -69,6 +70,7 @@ class ProcessIO:
         self.terminal = terminal
         self.outputs: list[asyncio.Task] = []
         self.stdin_closed = False
+        self.last_output = time.monotonic()  # when an output stream last brought data
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -96,6 +98,7 @@ class ProcessIO:
                     return
                 if not reply.data:
                     return
+                self.last_output = time.monotonic()
                 if fd is not None:
                     try:
                         await asyncio.to_thread(_write_all, fd, reply.data)
@@ -145,15 +148,20 @@ class ProcessIO:
         except ttrpc.Status as exc:
             log.debug("CloseStdin: %s", exc)
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Wait until every output stream reached EOF and was written out (``timeout``: then give
-        up on the rest, for a process whose children keep its output open)."""
-        if not self.outputs:
-            return
-        done, pending = await asyncio.wait(self.outputs, timeout=timeout)
-        for task in pending:
-            log.warning("output of %s still open %s s after its exit: no longer read", self.ids, timeout)
-            task.cancel()
+    async def drain(self, idle: float) -> None:
+        """Wait until every output stream reached EOF and was written out. A stream that brought
+        nothing for ``idle`` seconds after the exit is given up: a child the process left behind
+        holds it open (`sh -c 'sleep 100 & echo started'`), and its exit must not hang on that.
+        A stream still bringing data is never cut."""
+        pending = {t for t in self.outputs if not t.done()}
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=min(idle, 0.5))
+            if pending and time.monotonic() - self.last_output >= idle:
+                log.info("output of %s still open %s s after its exit without data: no longer read",
+                         self.ids, idle)
+                for task in pending:
+                    task.cancel()
+                return
 
     def cancel(self) -> None:
         self.stdin_closed = True

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 AGENT = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 _REPLIES = {m.name: message_factory.GetMessageClass(m.output_type) for m in AGENT.methods}
 TASK = pb.DESCRIPTOR.services_by_name["Task"]
-DRAIN_TIMEOUT = 30.0  # output still open this long after the exit: given up (a leaked child holds it)
+DRAIN_IDLE = 2.0  # output open this long after the exit with no data: given up (a left-behind child holds it)
 
 
 def error(code: Code, message: str) -> ttrpc.Status:
@@ -276,7 +276,7 @@ class TaskService:
         if not proc.exec_id:
             self.mark("exited")
         if proc.io is not None:
-            await proc.io.drain(DRAIN_TIMEOUT)
+            await proc.io.drain(DRAIN_IDLE)
         if not proc.exec_id:
             self.mark("output drained")
         self._exited(proc, status)
