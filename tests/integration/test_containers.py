@@ -435,3 +435,15 @@ def test_which_process_becomes_the_init(agent, busybox_rootfs, container_id):
     assert agent.client.call("WaitProcess", {"container_id": container_id}).status == 0
     assert read_all(agent, container_id) == b"1\n"
     agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_the_spawner_and_containers_leave_sched_idle(agent, busybox_rootfs, container_id):
+    """The spawner imports under SCHED_IDLE (so that a guest's one vCPU serves the agent first)
+    and takes the normal policy back once ready: its processes, and the containers they become,
+    run SCHED_OTHER."""
+    status, out, _ = sh(agent, container_id, busybox_rootfs, "grep ^policy /proc/self/sched")
+    assert status == 0
+    assert out.split()[-1] == str(os.SCHED_OTHER), out
+    spawners = _spawner_processes(agent)
+    assert spawners
+    assert {os.sched_getscheduler(pid) for pid in spawners} == {os.SCHED_OTHER}
