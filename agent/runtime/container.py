@@ -10,11 +10,10 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import linux
 from agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
-from agent.oci import ContainerConfig, ProcessConfig
 from agent.runtime import cgroups as cgroups_mod
 from agent.runtime import protocol, seccomp
 from agent.runtime import spawner as spawner_mod
@@ -22,6 +21,9 @@ from agent.runtime.protocol import Cgroup, CreateRequest, ExecRequest, Failed, R
 from agent.runtime.reaper import REAPER, exit_code
 from agent.stdio import Stdio
 from agent.undo import UndoStack
+
+if TYPE_CHECKING:  # agent.oci is imported by the first CreateContainer or ExecProcess (agent.rpc.containers)
+    from agent.oci import ContainerConfig, ProcessConfig
 
 log = logging.getLogger(__name__)
 
