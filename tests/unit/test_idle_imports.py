@@ -1,5 +1,5 @@
 """What an idle agent has imported: nothing that only some RPCs need (grpcio, pyroute2,
-prometheus-client, the OCI conversion), because each costs RSS and a share of
+prometheus-client, the OCI conversion, OpenSSL), because each costs RSS and a share of
 a TCG guest's boot."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import sys
 from tests.support import ROOT
 
 IDLE = """
-import asyncio, sys
-import agent.__main__
+import sys
+import agent.__main__  # first, as in ``python -m agent``
+import asyncio
 from agent import wiring
 from agent.metrics import Metrics
 from agent.network import Netlink
@@ -25,7 +26,7 @@ print(" ".join(sorted(sys.modules)))
 """
 
 
-ON_FIRST_USE = ("grpc", "pyroute2", "prometheus_client", "agent.oci")
+ON_FIRST_USE = ("grpc", "pyroute2", "prometheus_client", "agent.oci", "ssl")
 
 
 def test_idle_agent_imports_nothing_that_waits_for_first_use():
