@@ -296,3 +296,19 @@ def test_log_port_and_debug_console_on_vsock_in_guest(q35):
     assert set(got["levels"]) <= {"TRCE", "DEBG", "INFO", "WARN", "ERRO", "CRIT"}, got
     rc, out = q35.shell(f"python3 /tmp/vsock_client.py {CONSOLE_VPORT} shell")
     assert (rc, out.strip()) == (0, "0"), out  # a root shell
+
+
+def test_boot_policy_denies_the_debug_console(tmp_path_factory):
+    """agent.policy (base64 JSON rules) denying DebugConsole: neither the console shell nor the
+    vsock one starts, and the agent serves the rest."""
+    import base64
+
+    deny = {"rules": [{"name": "no-shell", "method": "DebugConsole", "action": "deny"}]}
+    b64 = base64.b64encode(json.dumps(deny).encode()).decode()
+    with h.private_guest(tmp_path_factory, "noshell", machine="microvm", smp=1,
+                         cmdline=f"agent.policy={b64} agent.debug_console_vport={CONSOLE_VPORT}") as g:
+        with h.agent_stub(g.addr) as stub:
+            stub.GetGuestDetails(agent_pb2.GuestDetailsRequest(), timeout=30)
+        log = g.console_log.read_text(errors="replace")
+        assert "debug console not started: denied by the boot policy (no-shell)" in log, g.console_tail()
+        assert "debug console on" not in log, g.console_tail()
