@@ -1,9 +1,9 @@
-"""Devices a container asks for: PCI rescan, waiting for the guest's device, spec rewrite.
+"""Devices a container asks for: PCI rescan, waiting for the guest's device, config update.
 
 The host names a device by where it plugged it (a PCI path such as ``02/00``, a SCSI ``target:lun``,
 a ``/dev/...`` name); the guest kernel picks the node and its major:minor. We wait for the device
-(agent.uevent), then rewrite the container's ``linux.devices`` entry and the device cgroup rules
-that named the host's numbers to the guest's real ones.
+(agent.uevent), then point the container's device (agent.oci.DeviceConfig) and the device cgroup
+rules that named the host's numbers at the guest's real ones.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ import asyncio
 import glob
 import logging
 import os
+import posixpath
 import re
+import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.errors import DeadlineExceeded, InvalidArgument
 from agent.uevent import Uevent
+
+if TYPE_CHECKING:
+    from agent.oci import CreateConfig
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +246,18 @@ async def wait_device(uevents, dtype: str, source: str, timeout: float, what: st
     raise InvalidArgument(f"{what}.type: {dtype!r} is not one of {', '.join(DEVICE_TYPES)}")
 
 
-def rewrite_spec(spec, container_path: str, node: Node, what: str) -> None:
-    """Point the spec's device at ``container_path`` and its cgroup rules at the guest's numbers."""
-    linux = spec.Linux
-    entry = next((d for d in linux.Devices if d.Path == container_path), None)
+_KINDS = {stat.S_IFBLK: "b", stat.S_IFCHR: "c", stat.S_IFIFO: "p"}
+
+
+def use_node(cfg: CreateConfig, container_path: str, node: Node, what: str) -> None:
+    """Point the container's device at ``container_path`` and its cgroup rules at the guest's numbers."""
+    path = posixpath.normpath(container_path)
+    entry = next((d for d in cfg.container.devices if d.path == path), None)
     if entry is None:
         raise InvalidArgument(f"{what}.container_path: no OCI.Linux.Devices entry has Path {container_path!r}")
-    old = (entry.Type or node.kind, entry.Major, entry.Minor)
-    entry.Major, entry.Minor = node.major, node.minor
-    if not entry.Type:
-        entry.Type = node.kind
-    for rule in linux.Resources.Devices:
+    old = (_KINDS.get(stat.S_IFMT(entry.mode), ""), entry.major, entry.minor)
+    entry.major, entry.minor = node.major, node.minor
+    for rule in cfg.resources.Devices if cfg.resources is not None else ():
         kind_ok = rule.Type in ("", "a", old[0]) or (old[0] in "cu" and rule.Type in "cu")
         if kind_ok and rule.Major == old[1] and rule.Minor == old[2]:
             rule.Major, rule.Minor = node.major, node.minor
@@ -267,13 +274,14 @@ def check_device(device, what: str) -> str:
     return source
 
 
-async def prepare(uevents, devices, spec, timeout: float) -> list[Node]:
-    """Wait for every device of a CreateContainer request and rewrite ``spec`` for it."""
-    sources = [check_device(d, f"devices[{i}]") for i, d in enumerate(devices)]
+async def prepare(uevents, devices, cfg: CreateConfig, timeout: float) -> list[Node]:
+    """Wait for every device of a CreateContainer request (checked by check_device) and point
+    the container's config at it."""
     nodes = []
-    for i, (device, source) in enumerate(zip(devices, sources)):
+    for i, device in enumerate(devices):
+        source = device.vm_path or device.id
         what = f"devices[{i}] ({device.type} {source})"
         node = await wait_device(uevents, device.type, source, timeout, what)
-        rewrite_spec(spec, device.container_path, node, f"devices[{i}]")
+        use_node(cfg, device.container_path, node, f"devices[{i}]")
         nodes.append(node)
     return nodes

@@ -1,9 +1,11 @@
-"""grpc.Spec -> the runtime's container config: pure, no syscalls.
+"""grpc.Spec -> the runtime's typed config, once: pure, no syscalls.
 
-``validate(spec)`` checks everything the runtime relies on and raises ``InvalidArgument`` naming
-the field (``OCI.Mounts[3].destination: not absolute``). ``convert(spec)`` then builds plain
-dataclasses that the spawner receives as JSON (their fields as objects): numbers and flags are
-computed here once, so the forked child only makes syscalls.
+``convert(spec)`` checks each part of the spec as it converts it, as runc's specconv does: what
+the runtime cannot honour raises ``InvalidArgument`` naming the field
+(``OCI.Mounts[3].destination: not absolute``), and nothing else reads the spec afterwards. It
+returns a CreateConfig: the ContainerConfig that the spawner receives as JSON (numbers and flags
+computed here, so the forked child only makes syscalls), the cgroup's resources and the hooks.
+CreateContainer's later steps adjust that config (agent.create_container).
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import posixpath
 import resource
 import signal
+import stat
 from dataclasses import dataclass, field
 
+from agent import hooks as hooks_mod
 from agent import linux
 from agent.errors import InvalidArgument
 from agent.protocols import oci_pb2
 from agent.runtime import seccomp as seccomp_mod
+from agent.validate import known_once, require_abs
 
 NAMESPACES = {
     "pid": linux.CLONE_NEWPID, "network": linux.CLONE_NEWNET, "mount": linux.CLONE_NEWNS,
@@ -131,48 +136,29 @@ class ContainerConfig:
     def new_namespace(self, flag: int) -> bool:
         return any(f == flag and not path for f, path in self.namespaces)
 
+    def set_namespace(self, flag: int, path: str) -> None:
+        """Join the namespace at ``path`` for ``flag`` (replacing the spec's entry, or added)."""
+        for i, (f, _) in enumerate(self.namespaces):
+            if f == flag:
+                self.namespaces[i] = (flag, path)
+                return
+        self.namespaces.append((flag, path))
+
+
+@dataclass
+class CreateConfig:
+    """Everything CreateContainer makes of its spec, converted once."""
+    container: ContainerConfig  # what the container's init is set up from (sent to the spawner)
+    resources: oci_pb2.LinuxResources | None  # the cgroup's (agent.runtime.cgroups), our own copy
+    hooks: hooks_mod.Hooks
+    oci_version: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _require_abs(path: str, where: str) -> None:
-    if not path:
-        raise InvalidArgument(f"{where}: empty")
-    if not path.startswith("/"):
-        raise InvalidArgument(f"{where}: {path!r} not absolute")
-    if "\0" in path:
-        raise InvalidArgument(f"{where}: contains a NUL byte")
-
-
-def validate_process(proc: oci_pb2.Process, where: str = "OCI.Process") -> None:
-    if not proc.Args:
-        raise InvalidArgument(f"{where}.Args: empty")
-    if any("\0" in a for a in proc.Args):
-        raise InvalidArgument(f"{where}.Args: contains a NUL byte")
-    for i, env in enumerate(proc.Env):
-        if "=" not in env or env.startswith("=") or "\0" in env:
-            raise InvalidArgument(f"{where}.Env[{i}]: {env!r} is not NAME=VALUE")
-    if proc.Cwd:
-        _require_abs(proc.Cwd, f"{where}.Cwd")
-    if proc.HasField("Capabilities"):
-        for set_name in CAP_SETS:
-            for i, cap in enumerate(getattr(proc.Capabilities, set_name)):
-                if cap not in CAP_NUMBERS:
-                    raise InvalidArgument(f"{where}.Capabilities.{set_name}[{i}]: unknown capability {cap!r}")
-    seen = set()
-    for i, rl in enumerate(proc.Rlimits):
-        if rl.Type not in RLIMITS:
-            raise InvalidArgument(f"{where}.Rlimits[{i}].Type: unknown rlimit {rl.Type!r}")
-        if rl.Type in seen:
-            raise InvalidArgument(f"{where}.Rlimits[{i}].Type: {rl.Type} given twice")
-        seen.add(rl.Type)
-        if rl.Soft > rl.Hard:
-            raise InvalidArgument(f"{where}.Rlimits[{i}]: soft {rl.Soft} above hard {rl.Hard}")
-    if not -1000 <= proc.OOMScoreAdj <= 1000:
-        raise InvalidArgument(f"{where}.OOMScoreAdj: {proc.OOMScoreAdj} not in [-1000, 1000]")
-
-
 def _validate_mount(m: oci_pb2.Mount, where: str) -> None:
-    _require_abs(m.destination, f"{where}.destination")
+    require_abs(m.destination, f"{where}.destination")
     if ".." in m.destination.split("/"):
         raise InvalidArgument(f"{where}.destination: {m.destination!r} contains '..'")
     for j, opt in enumerate(m.options):
@@ -180,34 +166,30 @@ def _validate_mount(m: oci_pb2.Mount, where: str) -> None:
             raise InvalidArgument(f"{where}.options[{j}]: idmapped mounts are not supported")
     bind = m.type == "bind" or any(o in ("bind", "rbind") for o in m.options)
     if bind:
-        _require_abs(m.source, f"{where}.source")
+        require_abs(m.source, f"{where}.source")
     elif not m.type:
         raise InvalidArgument(f"{where}.type: empty (and not a bind mount)")
 
 
 def _validate_linux(lx: oci_pb2.Linux) -> None:
-    types = set()
+    known_once([ns.Type for ns in lx.Namespaces], NAMESPACES, "OCI.Linux.Namespaces", "namespace type")
+    types = {ns.Type for ns in lx.Namespaces}
     for i, ns in enumerate(lx.Namespaces):
-        if ns.Type not in NAMESPACES:
-            raise InvalidArgument(f"OCI.Linux.Namespaces[{i}].Type: unknown namespace type {ns.Type!r}")
-        if ns.Type in types:
-            raise InvalidArgument(f"OCI.Linux.Namespaces[{i}].Type: {ns.Type} given twice")
-        types.add(ns.Type)
         if ns.Path:
-            _require_abs(ns.Path, f"OCI.Linux.Namespaces[{i}].Path")
+            require_abs(ns.Path, f"OCI.Linux.Namespaces[{i}].Path")
     if "user" in types or lx.UIDMappings or lx.GIDMappings:
         raise InvalidArgument("OCI.Linux.Namespaces: user namespaces (UIDMappings/GIDMappings) are not supported")
     if lx.RootfsPropagation and lx.RootfsPropagation not in linux.MOUNT_PROPAGATION:
         raise InvalidArgument(f"OCI.Linux.RootfsPropagation: unknown propagation {lx.RootfsPropagation!r}")
     for i, dev in enumerate(lx.Devices):
-        _require_abs(dev.Path, f"OCI.Linux.Devices[{i}].Path")
+        require_abs(dev.Path, f"OCI.Linux.Devices[{i}].Path")
         if ".." in dev.Path.split("/"):
             raise InvalidArgument(f"OCI.Linux.Devices[{i}].Path: {dev.Path!r} contains '..'")
         if dev.Type not in DEVICE_TYPES:
             raise InvalidArgument(f"OCI.Linux.Devices[{i}].Type: {dev.Type!r} is not c, b, u or p")
     for name, paths in (("MaskedPaths", lx.MaskedPaths), ("ReadonlyPaths", lx.ReadonlyPaths)):
         for i, p in enumerate(paths):
-            _require_abs(p, f"OCI.Linux.{name}[{i}]")
+            require_abs(p, f"OCI.Linux.{name}[{i}]")
     for key in lx.Sysctl:
         if not key or "/" in key or ".." in key.split("."):
             raise InvalidArgument(f"OCI.Linux.Sysctl[{key!r}]: not a sysctl name")
@@ -255,41 +237,6 @@ def _validate_seccomp(sc: oci_pb2.LinuxSeccomp) -> None:
                 raise InvalidArgument(f"{at}.Args[{j}].Op: unknown operator {arg.Op!r}")
 
 
-def _validate_hooks(hooks: oci_pb2.Hooks) -> None:
-    for name in ("CreateContainer", "StartContainer"):
-        if getattr(hooks, name):
-            raise InvalidArgument(f"OCI.Hooks.{name}: hooks that run inside the container's namespaces "
-                                  "are not supported")
-    for name in ("Prestart", "CreateRuntime", "Poststart", "Poststop"):
-        for i, hook in enumerate(getattr(hooks, name)):
-            _require_abs(hook.Path, f"OCI.Hooks.{name}[{i}].Path")
-            if hook.Timeout < 0:
-                raise InvalidArgument(f"OCI.Hooks.{name}[{i}].Timeout: {hook.Timeout} is negative")
-            for j, env in enumerate(hook.Env):
-                if "=" not in env or "\0" in env:
-                    raise InvalidArgument(f"OCI.Hooks.{name}[{i}].Env[{j}]: {env!r} is not NAME=VALUE")
-
-
-def validate(spec: oci_pb2.Spec) -> None:
-    """Raise InvalidArgument naming the first field the runtime cannot honour."""
-    if not spec.HasField("Process"):
-        raise InvalidArgument("OCI.Process: missing")
-    validate_process(spec.Process)
-    if not spec.HasField("Root") or not spec.Root.Path:
-        raise InvalidArgument("OCI.Root.Path: empty")
-    _require_abs(spec.Root.Path, "OCI.Root.Path")
-    for i, m in enumerate(spec.Mounts):
-        _validate_mount(m, f"OCI.Mounts[{i}]")
-    if spec.Hostname and (len(spec.Hostname) > 64 or "\0" in spec.Hostname):
-        raise InvalidArgument(f"OCI.Hostname: {spec.Hostname!r} is not a valid host name")
-    if spec.HasField("Linux"):
-        _validate_linux(spec.Linux)
-    if spec.HasField("Hooks"):
-        _validate_hooks(spec.Hooks)
-    if spec.Hostname and not any(ns.Type == "uts" for ns in spec.Linux.Namespaces):
-        raise InvalidArgument("OCI.Hostname: set, but the container has no uts namespace")
-
-
 # --- conversion ---------------------------------------------------------------------------------
 
 def _cap_mask(names) -> int:
@@ -299,7 +246,32 @@ def _cap_mask(names) -> int:
     return mask
 
 
-def convert_process(proc: oci_pb2.Process, string_user: str = "") -> ProcessConfig:
+def _check_process(proc: oci_pb2.Process, where: str) -> None:
+    if not proc.Args:
+        raise InvalidArgument(f"{where}.Args: empty")
+    if any("\0" in a for a in proc.Args):
+        raise InvalidArgument(f"{where}.Args: contains a NUL byte")
+    for i, env in enumerate(proc.Env):
+        if "=" not in env or env.startswith("=") or "\0" in env:
+            raise InvalidArgument(f"{where}.Env[{i}]: {env!r} is not NAME=VALUE")
+    if proc.Cwd:
+        require_abs(proc.Cwd, f"{where}.Cwd")
+    if proc.HasField("Capabilities"):
+        for set_name in CAP_SETS:
+            for i, cap in enumerate(getattr(proc.Capabilities, set_name)):
+                if cap not in CAP_NUMBERS:
+                    raise InvalidArgument(f"{where}.Capabilities.{set_name}[{i}]: unknown capability {cap!r}")
+    known_once([rl.Type for rl in proc.Rlimits], RLIMITS, f"{where}.Rlimits", "rlimit")
+    for i, rl in enumerate(proc.Rlimits):
+        if rl.Soft > rl.Hard:
+            raise InvalidArgument(f"{where}.Rlimits[{i}]: soft {rl.Soft} above hard {rl.Hard}")
+    if not -1000 <= proc.OOMScoreAdj <= 1000:
+        raise InvalidArgument(f"{where}.OOMScoreAdj: {proc.OOMScoreAdj} not in [-1000, 1000]")
+
+
+def convert_process(proc: oci_pb2.Process, string_user: str = "", where: str = "OCI.Process") -> ProcessConfig:
+    """The process of a spec (or of ExecProcess, ``where="process"``), checked."""
+    _check_process(proc, where)
     caps = {}
     if proc.HasField("Capabilities"):
         caps = {s.lower(): _cap_mask(getattr(proc.Capabilities, s)) for s in CAP_SETS}
@@ -320,12 +292,18 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= 2**63 else value
 
 
-def convert_mount(m: oci_pb2.Mount) -> MountConfig:
-    words = linux.parse_mount_options(m.options)
-    flags = words.flags | (linux.MS_BIND if m.type == "bind" else 0)
+def mount_config(destination: str, source: str, fstype: str, options) -> MountConfig:
+    """A mount from its OCI fields (the spec's, or one the agent adds)."""
+    words = linux.parse_mount_options(options)
+    flags = words.flags | (linux.MS_BIND if fstype == "bind" else 0)
     data = ",".join(w for w in words.data if w not in IGNORED_OPTIONS)
-    return MountConfig(destination=posixpath.normpath(m.destination), source=m.source,
-                       type=m.type, flags=flags, data=data, propagation=list(words.propagation))
+    return MountConfig(destination=posixpath.normpath(destination), source=source,
+                       type=fstype, flags=flags, data=data, propagation=list(words.propagation))
+
+
+def convert_mount(m: oci_pb2.Mount, where: str = "OCI.Mounts[0]") -> MountConfig:
+    _validate_mount(m, where)
+    return mount_config(m.destination, m.source, m.type, m.options)
 
 
 def convert_device(d: oci_pb2.LinuxDevice) -> DeviceConfig:
@@ -334,16 +312,29 @@ def convert_device(d: oci_pb2.LinuxDevice) -> DeviceConfig:
                         major=d.Major, minor=d.Minor, uid=d.UID, gid=d.GID)
 
 
-def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> ContainerConfig:
-    """The runtime config of a validated spec (call ``validate`` first)."""
+def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> CreateConfig:
+    """The typed config of a spec; InvalidArgument names the first field the runtime cannot honour."""
+    if not spec.HasField("Process"):
+        raise InvalidArgument("OCI.Process: missing")
+    process = convert_process(spec.Process, string_user)
+    if not spec.HasField("Root") or not spec.Root.Path:
+        raise InvalidArgument("OCI.Root.Path: empty")
+    require_abs(spec.Root.Path, "OCI.Root.Path")
+    mounts = [convert_mount(m, f"OCI.Mounts[{i}]") for i, m in enumerate(spec.Mounts)]
+    if spec.Hostname and (len(spec.Hostname) > 64 or "\0" in spec.Hostname):
+        raise InvalidArgument(f"OCI.Hostname: {spec.Hostname!r} is not a valid host name")
     lx = spec.Linux
-    mounts = [convert_mount(m) for m in spec.Mounts]
-    return ContainerConfig(
+    if spec.HasField("Linux"):
+        _validate_linux(lx)
+    hooks = hooks_mod.convert(spec.Hooks) if spec.HasField("Hooks") else hooks_mod.Hooks()
+    if spec.Hostname and not any(ns.Type == "uts" for ns in lx.Namespaces):
+        raise InvalidArgument("OCI.Hostname: set, but the container has no uts namespace")
+    container = ContainerConfig(
         id=container_id,
         rootfs=posixpath.normpath(spec.Root.Path),
         readonly_root=spec.Root.Readonly,
         hostname=spec.Hostname,
-        process=convert_process(spec.Process, string_user),
+        process=process,
         namespaces=[(NAMESPACES[ns.Type], ns.Path) for ns in lx.Namespaces],
         mounts=mounts,
         devices=[convert_device(d) for d in lx.Devices],
@@ -357,6 +348,11 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Con
         cgroups_path=lx.CgroupsPath,
         seccomp=convert_seccomp(lx.Seccomp) if has_seccomp(lx) else None,
     )
+    resources = None
+    if lx.HasField("Resources"):
+        resources = oci_pb2.LinuxResources()
+        resources.CopyFrom(lx.Resources)
+    return CreateConfig(container, resources, hooks, spec.Version, dict(spec.Annotations))
 
 
 def convert_seccomp(sc: oci_pb2.LinuxSeccomp) -> SeccompConfig:
@@ -369,24 +365,18 @@ def convert_seccomp(sc: oci_pb2.LinuxSeccomp) -> SeccompConfig:
                   for c in sc.Syscalls])
 
 
-def cgroup_resources(spec: oci_pb2.Spec) -> oci_pb2.LinuxResources | None:
-    """Linux.Resources plus, as runc does, an "rwm" allow rule for each device of Linux.Devices.
-
-    The rules are added only when the spec has device rules (else nothing is restricted).
-    """
-    if not spec.Linux.HasField("Resources"):
-        return None
-    res = spec.Linux.Resources
-    if not res.Devices or not spec.Linux.Devices:
-        return res
-    out = oci_pb2.LinuxResources()
-    out.CopyFrom(res)
-    for dev in spec.Linux.Devices:
-        if dev.Type == "p":
+def allow_devices(cfg: CreateConfig) -> None:
+    """As runc: an "rwm" allow rule in the cgroup for each device of the container, once the
+    device numbers are final; only where the spec has device rules (else nothing is restricted)."""
+    res = cfg.resources
+    if res is None or not res.Devices:
+        return
+    for dev in cfg.container.devices:
+        kind = stat.S_IFMT(dev.mode)
+        if kind == stat.S_IFIFO:
             continue  # a fifo is not a device the cgroup controls
-        out.Devices.add(Allow=True, Type="b" if dev.Type == "b" else "c", Major=dev.Major, Minor=dev.Minor,
-                        Access="rwm")
-    return out
+        res.Devices.add(Allow=True, Type="b" if kind == stat.S_IFBLK else "c", Major=dev.major,
+                        Minor=dev.minor, Access="rwm")
 
 
 def string_user(user) -> str:

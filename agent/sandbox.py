@@ -1,17 +1,14 @@
-"""The one Sandbox: hostname, pinned UTS/IPC namespaces, sandbox PID namespace, DNS, kernel
-modules, sandbox storages, guest hooks, and the per-container preparation (devices, storages,
-namespace rewrite, bundle) that CreateContainer runs before the runtime creates the container.
+"""The one Sandbox: its hostname, pinned UTS/IPC namespaces, sandbox PID namespace, DNS, kernel
+modules, sandbox storages and guest hooks, made by CreateSandbox and released by DestroySandbox.
 
-Every step registers its undo; a failure rolls back everything the call did. Fault injection for
-tests: ``KATA_AGENT_FAULT_INJECT=step,step`` makes the named steps fail right after they succeeded
-(steps: pin_namespaces sandbox_pidns dns kernel_modules sandbox_storages guest_hooks, and per
-container devices storages namespaces bundle).
+Every step registers its undo; a failure rolls back everything the call did (fault points:
+agent.undo). What a container takes from the sandbox is read from here by CreateContainer
+(agent.create_container); the sandbox never calls the runtime.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -19,36 +16,24 @@ import signal
 import threading
 from dataclasses import dataclass, field
 
-from google.protobuf import json_format
-
-from agent import devices, linux
-from agent.errors import (AlreadyExists, FailedPrecondition, Internal, InvalidArgument,
-                          Unimplemented)
-from agent.protocols import oci_pb2
+from agent import hooks, linux
+from agent.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
+from agent.hooks import Hooks
 from agent.runtime import command
 from agent.runtime.reaper import REAPER
 from agent.runtime.spawner import Spawner
 from agent.storage import MountContext, StorageManager, paths
 from agent.storage.syscalls import MNT_DETACH, MS_BIND, mount, mount_bind, mounts_under, umount
 from agent.uevent import UeventListener
-from agent.undo import UndoStack
+from agent.undo import UndoStack, fault_point
 from agent.validate import check_id
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "KATA_AGENT_FAULT_INJECT"
 RESOLV_CONF = "/etc/resolv.conf"
 HOSTNAME_MAX = 64
 PINNED = ("uts", "ipc")
-HOOK_STAGES = ("prestart", "poststart", "poststop")
 _MODULE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def fault_point(step: str) -> None:
-    """Fail here when a test asked for it (``KATA_AGENT_FAULT_INJECT``)."""
-    wanted = os.environ.get(FAULT_ENV, "")
-    if wanted and step in wanted.split(","):
-        raise Internal(f"fault injected after step {step}")
 
 
 # --- namespaces -------------------------------------------------------------------------------
@@ -97,76 +82,6 @@ def unpin_namespaces(pinned: dict[str, str]) -> None:
             pass
 
 
-def rewrite_namespaces(spec, paths_by_kind: dict[str, str]) -> None:
-    """Point (or add) the spec's namespace entries of these kinds at the given paths."""
-    entries = spec.Linux.Namespaces
-    for kind, path in paths_by_kind.items():
-        entry = next((n for n in entries if n.Type == kind), None)
-        if entry is None:
-            entry = entries.add(Type=kind)
-        entry.Path = path
-    if "uts" in paths_by_kind:
-        spec.Hostname = ""  # the container shares the sandbox's hostname
-
-
-# --- guest hooks ------------------------------------------------------------------------------
-
-def _hook_from_json(path: str) -> tuple[list[str], oci_pb2.Hook]:
-    with open(path) as f:
-        data = json.load(f)
-    body = data.get("hook", data)
-    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
-        raise InvalidArgument(f"guest_hook_path: {path}: no hook path")
-    hook = oci_pb2.Hook(Path=body["path"], Args=body.get("args") or [body["path"]],
-                        Env=body.get("env") or [], Timeout=int(body.get("timeout") or 0))
-    return list(data.get("stages") or []), hook
-
-
-def scan_hooks(root: str) -> dict[str, list[oci_pb2.Hook]]:
-    """Hooks under ``root``: ``STAGE/*`` executables (Kata's layout) and OCI hook JSON files
-    (``STAGE/*.json``, or ``*.json`` naming their ``stages``)."""
-    found: dict[str, list[oci_pb2.Hook]] = {s: [] for s in HOOK_STAGES}
-    if not os.path.isdir(root):
-        log.warning("guest_hook_path %s is not a directory; no guest hooks", root)
-        return found
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".json"):
-            stages, hook = _hook_from_json(os.path.join(root, name))
-            for stage in stages:
-                if stage in found:
-                    found[stage].append(hook)
-    for stage in HOOK_STAGES:
-        folder = os.path.join(root, stage)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if name.endswith(".json"):
-                found[stage].append(_hook_from_json(path)[1])
-            elif os.path.isfile(path) and os.access(path, os.X_OK):
-                found[stage].append(oci_pb2.Hook(Path=path, Args=[path, stage]))
-    return found
-
-
-async def run_hooks(hooks, state: dict, stage: str) -> None:
-    """Run OCI hooks with the container state on stdin; a failing prestart/poststart hook raises,
-    a failing poststop hook is logged (runtime-spec). For the runtime to call."""
-    for hook in hooks:
-        argv = [hook.Path, *list(hook.Args)[1:]]
-        env = dict(e.split("=", 1) for e in hook.Env if "=" in e)
-        try:
-            done = await command.run(argv, input=json.dumps(state).encode(),
-                                     timeout=float(hook.Timeout or 60), env=env)
-            failure = done.error_text() if done.returncode else ""
-        except (OSError, TimeoutError) as exc:
-            failure = str(exc)
-        if failure:
-            if stage == "poststop":
-                log.warning("poststop hook failed", extra={"fields": {"hook": hook.Path, "error": failure}})
-                continue
-            raise FailedPrecondition(f"{stage} hook {hook.Path}: {failure}")
-
-
 # --- the sandbox ------------------------------------------------------------------------------
 
 @dataclass
@@ -175,7 +90,7 @@ class SandboxState:
     hostname: str = ""
     pinned: dict[str, str] = field(default_factory=dict)
     pidns_pid: int = 0
-    hooks: dict[str, list] = field(default_factory=dict)
+    hooks: Hooks = field(default_factory=Hooks)  # the guest's (guest_hook_path)
     storages: list[str] = field(default_factory=list)
 
 
@@ -183,7 +98,6 @@ class Sandbox:
     def __init__(self, run_dir: str, hotplug_timeout: float, spawner: Spawner,
                  uevents: UeventListener | None) -> None:
         self.spawner = spawner
-        self.hotplug_timeout = hotplug_timeout
         run_dir = os.path.realpath(run_dir)
         self.kata_root = os.path.join(run_dir, "kata-containers")
         self.ns_dir = os.path.join(run_dir, "sandbox-ns")
@@ -251,7 +165,7 @@ class Sandbox:
         state.storages = await self.storages.add_all(req.storages, "storages", undo)
         fault_point("sandbox_storages")
         if req.guest_hook_path:
-            state.hooks = scan_hooks(req.guest_hook_path)
+            state.hooks = hooks.scan(req.guest_hook_path)
         fault_point("guest_hooks")
 
     async def _start_pidns_init(self) -> int:
@@ -349,87 +263,27 @@ class Sandbox:
                 _unlink(path)
         os.makedirs(self.shared_dir, mode=0o755, exist_ok=True)
 
-    # --- CreateContainer steps 2-5 ---
-    def check_container(self, req) -> None:
-        check_id(req.container_id, "container_id")
-        if len(req.shared_mounts):
-            raise Unimplemented("shared_mounts: sharing mounts between containers is not "
-                                "implemented by this agent")
-        for i, d in enumerate(req.devices):
-            devices.check_device(d, f"devices[{i}]")
-        self.storages.check(req.storages, "storages")
-        if req.sandbox_pidns and not (self.state and self.state.pidns_pid):
+    # --- what containers take from the sandbox ---
+    def pinned_namespaces(self, sandbox_pidns: bool) -> dict[str, str]:
+        """The namespaces a container joins, by OCI type: the pinned UTS and IPC ones, and the
+        sandbox's PID namespace if asked (check it exists with ``check_pidns`` first)."""
+        wanted = dict(self.state.pinned) if self.state else {}
+        if sandbox_pidns:
+            wanted["pid"] = f"/proc/{self.state.pidns_pid}/ns/pid"
+        return wanted
+
+    def check_pidns(self, sandbox_pidns: bool) -> None:
+        if sandbox_pidns and not (self.state and self.state.pidns_pid):
             raise FailedPrecondition("sandbox_pidns: the sandbox has no PID namespace "
                                      "(CreateSandbox without sandbox_pidns)")
-        if not req.OCI.Root.Path.startswith("/"):
-            raise InvalidArgument(f"OCI.Root.Path: {req.OCI.Root.Path!r} is not absolute")
-        if os.path.lexists(os.path.join(self.kata_root, req.container_id, "config.json")):
-            raise AlreadyExists(f"container_id: {req.container_id!r} has a bundle already")
 
-    async def prepare_container(self, req, undo: UndoStack) -> None:
-        """Devices, storages, namespaces and bundle for CreateContainer; undos go on ``undo``."""
-        self.check_container(req)
-        spec = req.OCI
-        if req.devices:
-            await devices.prepare(self.storages.ctx.uevents, req.devices, spec,
-                                  self.hotplug_timeout)
-        fault_point("devices")
-        await self.storages.add_all(req.storages, "storages", undo)
-        fault_point("storages")
-        self._rewrite_namespaces(req)
-        self._add_dns_mount(spec)
-        self._add_guest_hooks(spec)
-        fault_point("namespaces")
-        self._write_bundle(req, undo)
-        fault_point("bundle")
-
-    def _rewrite_namespaces(self, req) -> None:
-        wanted = dict(self.state.pinned) if self.state else {}
-        if req.sandbox_pidns:
-            wanted["pid"] = f"/proc/{self.state.pidns_pid}/ns/pid"
-        if wanted:
-            rewrite_namespaces(req.OCI, wanted)
-
-    def _add_dns_mount(self, spec) -> None:
-        """Containers see the sandbox's DNS (as docker does), unless their spec mounts their own."""
+    def dns_source(self) -> str | None:
+        """The sandbox's resolv.conf (CreateSandbox's dns), for containers to see; None if none."""
         source = os.path.join(self.kata_root, "sandbox", "resolv.conf")
-        if not self.state or not os.path.exists(source):
-            return
-        if any(os.path.normpath(m.destination) == RESOLV_CONF for m in spec.Mounts):
-            return
-        spec.Mounts.add(destination=RESOLV_CONF, source=source, type="bind",
-                        options=["bind", "ro", "nosuid", "nodev", "noexec"])
+        return source if self.state and os.path.exists(source) else None
 
-    def _add_guest_hooks(self, spec) -> None:
-        if not self.state or not self.state.hooks:
-            return
-        for stage, field_name in (("prestart", "Prestart"), ("poststart", "Poststart"),
-                                  ("poststop", "Poststop")):
-            getattr(spec.Hooks, field_name).extend(self.state.hooks.get(stage, []))
-
-    def bundle_dir(self, cid: str) -> str:
-        return os.path.join(self.kata_root, cid)
-
-    def _write_bundle(self, req, undo: UndoStack) -> None:
-        cid = req.container_id
-        walk = paths.walk_dirs(self.kata_root, [cid, "rootfs"], mode=0o755)
-        walk.close()
-        created = walk.created
-        undo.push("bundle dirs", lambda: paths.remove_dirs(created))
-        rootfs = os.path.join(self.bundle_dir(cid), "rootfs")
-        source = req.OCI.Root.Path
-        if source != rootfs:
-            if not os.path.isdir(source):
-                raise InvalidArgument(f"OCI.Root.Path: {source!r} is not a directory")
-            mount_bind(source, rootfs)
-            undo.push("rootfs bind", lambda: umount(rootfs, MNT_DETACH))
-            req.OCI.Root.Path = rootfs
-        config = os.path.join(self.bundle_dir(cid), "config.json")
-        tmp = config + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json_format.MessageToJson(req.OCI, preserving_proto_field_name=True))
-        os.rename(tmp, config)
-        undo.push("config.json", lambda: _unlink(config))
+    def guest_hooks(self) -> Hooks:
+        return self.state.hooks if self.state else Hooks()
 
 
 def _unlink(path: str) -> None:

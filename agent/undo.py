@@ -1,13 +1,24 @@
-"""An undo stack: every step that changes the machine registers how to take itself back."""
+"""An undo stack: every step that changes the machine registers how to take itself back.
+
+Fault points for tests: ``KATA_AGENT_FAULT_INJECT=step,step`` makes the named steps fail right
+after they succeeded (CreateSandbox: pin_namespaces sandbox_pidns dns kernel_modules
+sandbox_storages guest_hooks; CreateContainer: devices storages namespaces bundle), so a test can
+see that the stack takes back everything they did.
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.errors import Internal
+
 log = logging.getLogger(__name__)
+
+FAULT_ENV = "KATA_AGENT_FAULT_INJECT"
 
 Undo = Callable[[], Any] | Callable[[], Awaitable[Any]]
 
@@ -50,3 +61,10 @@ class UndoStack:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             await self.rollback()
+
+
+def fault_point(step: str) -> None:
+    """Fail here when a test asked for it (``KATA_AGENT_FAULT_INJECT``)."""
+    wanted = os.environ.get(FAULT_ENV, "")
+    if wanted and step in wanted.split(","):
+        raise Internal(f"fault injected after step {step}")

@@ -28,7 +28,7 @@ from agent.rpc import sandbox as sandbox_rpc
 from agent.runtime.container import Runtime
 from agent.runtime.reaper import REAPER
 from agent.runtime.spawner import Spawner
-from agent.sandbox import Sandbox, run_hooks
+from agent.sandbox import Sandbox
 from agent.server import Front, ListenError
 from agent.service import Services
 from agent.uevent import UeventListener
@@ -80,8 +80,7 @@ async def build(config: Config, spawner: Spawner) -> tuple[Agent, UndoStack]:
         agent.metrics = Metrics(counts=lambda: agent.runtime.counts() if agent.runtime else (0, 0),
                                 uptime=lambda: time.monotonic() - agent.started_at)
         agent.policy = boot_policy(config.policy_file)
-        agent.runtime = runtime = Runtime(spawner, config.run_dir, hook_runner=run_hooks,
-                                          pipe_size=config.container_pipe_size)
+        agent.runtime = runtime = Runtime(spawner, config.run_dir, pipe_size=config.container_pipe_size)
         teardown.push("runtime", lambda: _remove_containers(runtime))
         agent.uevents = uevents = uevent_listener()
         if uevents is not None:

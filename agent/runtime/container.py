@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent import linux
+from agent import hooks, linux
 from agent.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.hooks import Hooks
 from agent.runtime import cgroups as cgroups_mod
 from agent.runtime import protocol, seccomp
 from agent.runtime import spawner as spawner_mod
@@ -23,7 +24,7 @@ from agent.stdio import Stdio
 from agent.undo import UndoStack
 
 if TYPE_CHECKING:  # agent.oci is imported by the first CreateContainer or ExecProcess (agent.rpc.containers)
-    from agent.oci import ContainerConfig, ProcessConfig
+    from agent.oci import ContainerConfig, CreateConfig, ProcessConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Container:
     # agent forgets them), their output stays readable until drained, then their fds go
     retired: dict[str, Process] = field(default_factory=dict)
     cleanup: list = field(default_factory=list)  # undo actions of CreateContainer, run at removal
-    hooks: Any = None  # the spec's Hooks message (None: no hooks)
+    hooks: Hooks = field(default_factory=Hooks)
     oci_version: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
     removing: bool = False  # killed and reaped; only the cgroup (or cleanup) is left to remove
@@ -121,24 +122,14 @@ class Container:
             proc.stdio.close()
 
 
-# Hook lists of the spec, by the lifecycle point where the runtime runs them (in the agent's
-# namespaces). CreateContainer/StartContainer hooks run inside the container: oci.validate refuses them.
-HOOKS_AT = {"create": ("Prestart", "CreateRuntime"), "start": ("Poststart",), "remove": ("Poststop",)}
-HOOK_STAGE = {"Prestart": "prestart", "CreateRuntime": "createRuntime", "Poststart": "poststart",
-              "Poststop": "poststop"}
-
-
 DEFAULT_CGROUP_PARENT = "kata-agent"  # containers without Linux.CgroupsPath get kata-agent/<id>
 
 
 class Runtime:
-    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", hook_runner: Any = None,
-                 pipe_size: int = 0) -> None:
+    def __init__(self, spawner: spawner_mod.Spawner, run_dir: str = "/run", pipe_size: int = 0) -> None:
         self.spawner = spawner
         self.run_dir = run_dir
         self.pipe_size = pipe_size  # agent.container_pipe_size: 0 keeps the kernel's default
-        # async (hooks, state, stage): agent.sandbox.run_hooks; None runs no hooks
-        self.hook_runner = hook_runner
         self.containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
         self._removals: dict[str, asyncio.Task] = {}  # removals under way, joined by later calls
@@ -176,13 +167,13 @@ class Runtime:
             self._reserved.discard(cid)
 
     # --- create / start ---
-    async def create(self, cfg: ContainerConfig, resources: Any = None, hooks: Any = None,
-                     oci_version: str = "", annotations: dict[str, str] | None = None) -> Container:
+    async def create(self, create_cfg: CreateConfig) -> Container:
         """Create the container: its init waits in its namespaces and rootfs for ``start``.
 
         Prestart and CreateRuntime hooks run once the init waits there. Either it is created
         and registered, or everything it did is undone.
         """
+        cfg = create_cfg.container
         if cfg.seccomp is not None and not seccomp.available():
             raise FailedPrecondition("OCI.Linux.Seccomp: libseccomp.so.2 (package libseccomp2) is not installed")
         async with UndoStack() as undo:
@@ -198,7 +189,7 @@ class Runtime:
                 for fd in set(child_fds):
                     os.close(fd)
             undo.push("close the sync socket", sync.close)
-            cg = self._create_cgroup(cfg, resources, undo)
+            cg = self._create_cgroup(cfg, create_cfg.resources, undo)
             # (if the child failed, and exited, before it took the cgroup, its report follows)
             protocol.send(sync, _cgroup_dirs(cg))
             pid = await self._pid(sync, "create")
@@ -207,20 +198,19 @@ class Runtime:
             reply = await spawner_mod.receive(sync)
             if not isinstance(reply, Ready):
                 raise self._setup_error(reply, init)
-            c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync, hooks=hooks, oci_version=oci_version,
-                          annotations=dict(annotations or {}))
+            c = Container(cfg.id, cfg, init, cgroup=cg, sync=sync, hooks=create_cfg.hooks,
+                          oci_version=create_cfg.oci_version, annotations=dict(create_cfg.annotations))
             await self._run_hooks(c, "create", "creating")
             self.containers[cfg.id] = c
             undo.commit()  # from here on, remove() takes it all back
         return c
 
-    async def _run_hooks(self, c: Container, point: str, status: str) -> None:
-        if c.hooks is None or self.hook_runner is None:
-            return
-        for name in HOOKS_AT[point]:
-            hooks = list(getattr(c.hooks, name))
-            if hooks:
-                await self.hook_runner(hooks, c.state(status), HOOK_STAGE[name])
+    @staticmethod
+    async def _run_hooks(c: Container, point: str, status: str) -> None:
+        for name, stage in hooks.AT[point]:
+            listed = getattr(c.hooks, name)
+            if listed:
+                await hooks.run(listed, c.state(status), stage)
 
     def _init_is_zygote(self, cfg: ContainerConfig) -> bool:
         """Whether the spawner's PID 1 zygote can be this container's init (the short way): the

@@ -134,8 +134,7 @@ class StorageManager:
         apply_fs_group(target, storage.fs_group.group_id, storage.fs_group.group_change_policy)
 
     async def add_all(self, storages, field_name: str, undo) -> list[str]:
-        """Check all, then mount each, registering its release on ``undo``."""
-        self.check(storages, field_name)
+        """Mount each storage (all checked first, with ``check``), registering its release on ``undo``."""
         keys = []
         for i, s in enumerate(storages):
             key = await self.add(s, f"{field_name}[{i}]")

@@ -1,4 +1,4 @@
-"""agent.oci: validation names the field; conversion computes flags, caps and rlimits."""
+"""agent.oci: the conversion names the field it cannot honour; it computes flags, caps and rlimits."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ def spec(**changes):
 
 
 def test_default_spec_is_valid_and_converts():
-    s = spec()
-    oci.validate(s)
-    cfg = oci.convert(s, "c1")
+    cfg = oci.convert(spec(), "c1").container
     assert cfg.rootfs == "/r" and cfg.readonly_root and cfg.hostname == "container"
     assert cfg.process.caps["bounding"] == (1 << 5) | (1 << 10) | (1 << 29)
     assert cfg.process.rlimits == [(7, 1024, 1024)]
@@ -73,17 +71,17 @@ def test_default_spec_is_valid_and_converts():
     ({"hooks": {"prestart": [{"path": "true"}]}}, "OCI.Hooks.Prestart[0].Path"),
     ({"linux.maskedPaths": ["proc/kcore"]}, "OCI.Linux.MaskedPaths[0]"),
 ])
-def test_validate_names_the_field(change, message):
+def test_conversion_names_the_field(change, message):
     with pytest.raises(InvalidArgument) as e:
-        oci.validate(spec(**change))
+        oci.convert(spec(**change), "c")
     assert message in e.value.message
 
 
 def test_missing_process_and_root():
     with pytest.raises(InvalidArgument, match="OCI.Process: missing"):
-        oci.validate(spec_from_config({"root": {"path": "/r"}}))
+        oci.convert(spec_from_config({"root": {"path": "/r"}}), "c")
     with pytest.raises(InvalidArgument, match="OCI.Root.Path: empty"):
-        oci.validate(spec_from_config({"process": {"args": ["sh"]}}))
+        oci.convert(spec_from_config({"process": {"args": ["sh"]}}), "c")
 
 
 def test_mount_options():
@@ -101,27 +99,25 @@ def test_mount_options():
 
 def test_dev_bind_disables_default_devices():
     s = spec(**{"mounts.1": {"destination": "/dev", "type": "bind", "source": "/dev", "options": ["rbind"]}})
-    oci.validate(s)
-    assert not oci.convert(s, "c").default_devices
+    assert not oci.convert(s, "c").container.default_devices
 
 
 def test_devices_and_string_user():
     s = spec(**{"linux.devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o600}]})
-    oci.validate(s)
-    d = oci.convert(s, "c").devices[0]
+    d = oci.convert(s, "c").container.devices[0]
     assert (d.path, d.mode, d.major, d.minor) == ("/dev/fuse", 0o020600, 10, 229)
     from agent.protocols import agent_pb2
 
     assert oci.string_user(agent_pb2.StringUser(uid="user", gid="extra")) == "user:extra"
     assert oci.string_user(agent_pb2.StringUser()) == ""
-    assert oci.convert(spec(), "c", "user").process.user == "user"
+    assert oci.convert(spec(), "c", "user").container.process.user == "user"
 
 
 def test_unlimited_rlimit():
     s = spec(**{"process.rlimits": [{"type": "RLIMIT_CORE", "hard": 2**64 - 1, "soft": 2**64 - 1}]})
     import resource
 
-    assert oci.convert(s, "c").process.rlimits == [(4, resource.RLIM_INFINITY, resource.RLIM_INFINITY)]
+    assert oci.convert(s, "c").container.process.rlimits == [(4, resource.RLIM_INFINITY, resource.RLIM_INFINITY)]
 
 
 def test_seccomp_conversion():
@@ -132,8 +128,7 @@ def test_seccomp_conversion():
                       "args": [{"index": 1, "value": 448, "op": "SCMP_CMP_EQ"}]},
                      {"names": ["chmod"], "action": "SCMP_ACT_ERRNO"},
                      {"names": ["reboot"], "action": "SCMP_ACT_KILL_PROCESS"}]}})
-    oci.validate(s)
-    cfg = oci.convert(s, "c1").seccomp
+    cfg = oci.convert(s, "c1").container.seccomp
     assert cfg.default_action == 0x7FFF0000
     assert cfg.architectures == ["x86_64", "aarch64"] and cfg.flags == [6]
     assert cfg.syscalls[0].names == ["mkdir", "mkdirat"]
@@ -141,5 +136,39 @@ def test_seccomp_conversion():
     assert cfg.syscalls[0].args == [(1, 4, 448, 0)]
     assert cfg.syscalls[1].action == 0x00050000 | 1  # errnoRet unset: EPERM, as runc
     assert cfg.syscalls[2].action == 0x80000000
-    assert oci.convert(spec(), "c1").seccomp is None
+    assert oci.convert(spec(), "c1").container.seccomp is None
 
+
+
+def test_hooks_and_resources_are_converted_and_owned():
+    s = spec(**{"hooks": {"prestart": [{"path": "/bin/h", "args": ["h", "x"], "timeout": 5}]},
+                "linux.resources": {"devices": [{"allow": False, "access": "rwm"}]},
+                "linux.devices": [{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229},
+                                  {"path": "/dev/p", "type": "p"}]})
+    cfg = oci.convert(s, "c")
+    assert [(h.path, h.args, h.timeout) for h in cfg.hooks.prestart] == [("/bin/h", ["h", "x"], 5.0)]
+    assert not cfg.hooks.poststop
+    oci.allow_devices(cfg)  # runc's rule per device (a fifo has none), and the spec is untouched
+    assert [(r.Allow, r.Type, r.Major, r.Minor) for r in cfg.resources.Devices] == [
+        (False, "", 0, 0), (True, "c", 10, 229)]
+    assert len(s.Linux.Resources.Devices) == 1
+
+
+def test_a_hot_plugged_device_takes_the_guest_numbers_in_the_config_and_its_cgroup_rules():
+    from agent import devices
+
+    s = spec(**{"linux.resources": {"devices": [{"allow": False, "access": "rwm"},
+                                                {"allow": True, "type": "b", "major": 8, "minor": 0,
+                                                 "access": "rw"}]},
+                "linux.devices": [{"path": "/dev/vda", "type": "b", "major": 8, "minor": 0},
+                                  {"path": "/dev/vdb", "type": "b", "major": 8, "minor": 0}]})
+    cfg = oci.convert(s, "c")
+    devices.use_node(cfg, "/dev/vda", devices.Node("/dev/vdx", 252, 16), "devices[0]")
+    devices.use_node(cfg, "/dev//vdb", devices.Node("/dev/vdy", 252, 32), "devices[1]")
+    oci.allow_devices(cfg)
+    assert [(d.path, d.major, d.minor) for d in cfg.container.devices] == [("/dev/vda", 252, 16),
+                                                                         ("/dev/vdb", 252, 32)]
+    assert [(r.Type, r.Major, r.Minor, r.Access) for r in cfg.resources.Devices] == [
+        ("", 0, 0, "rwm"), ("b", 252, 16, "rw"), ("b", 252, 16, "rwm"), ("b", 252, 32, "rwm")]
+    with pytest.raises(InvalidArgument, match=r"devices\[2\].container_path: no OCI.Linux.Devices entry"):
+        devices.use_node(cfg, "/dev/vdz", devices.Node("/dev/vdz", 1, 1), "devices[2]")
