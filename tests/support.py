@@ -102,11 +102,27 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
             try:
                 self.client.wait_ready(timeout=0.5)
+                self._wait_zygote(min(deadline, time.monotonic() + 5))
                 return
             except Exception:
                 if time.monotonic() > deadline:
                     self.kill()
                     raise RuntimeError(f"agent not ready after {timeout} s:\n{self.logs()}")
+
+    def _wait_zygote(self, deadline: float) -> None:
+        """Until the spawner's PID-1 zygote is up (made with CLONE_PARENT, a child of the agent,
+        PID 1 of its namespace), so that tests comparing the agent's children see it from the
+        start: the spawner makes it once its imports are done, after the agent answers."""
+        while time.monotonic() < deadline:
+            for pid in descendants(self.pid):
+                try:
+                    nspid = next((line.split()[1:] for line in open(f"/proc/{pid}/status")
+                                  if line.startswith("NSpid:")), [])
+                except OSError:
+                    continue
+                if len(nspid) > 1 and nspid[-1] == "1":
+                    return
+            time.sleep(0.02)
 
     def _exited(self) -> None:
         """Undo what the start made, when the agent exited before it answered."""

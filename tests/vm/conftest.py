@@ -47,9 +47,11 @@ def pytest_collection_modifyitems(config, items):
 
 def _ensure_image(arch: str) -> None:
     if (image_dir(arch) / "manifest.json").exists():
-        # refresh the small agent layer so the guest runs the agent/ being tested (~1 s)
+        # refresh the small agent layer so the guest runs the agent/ being tested (~1 s), and the
+        # base layer too when its inputs changed (modules.txt, requirements.txt, build.sh): an
+        # --agent-only refresh would keep a stale base that a fresh clone does not have
         if os.environ.get("KATA_VM_BUILD", "1") != "0":
-            _build(arch, "--agent-only")
+            _build(arch)
         return
     if os.environ.get("KATA_VM_BUILD", "1") == "0":
         pytest.fail(f"no guest image for {arch} and KATA_VM_BUILD=0: run bash guest-image/build.sh --arch {arch}")
