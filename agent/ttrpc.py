@@ -418,18 +418,28 @@ class Client:
         return self._closed is not None
 
     def alive(self) -> bool:
-        """False when the peer has hung up (looked at without reading, when no call is waiting)."""
-        with self._lock:
-            if self._closed is not None:
-                return False
-            if self._calls:
-                return True
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        """False when the peer has hung up (looked at without blocking, when no call is waiting).
+
+        With no call waiting, whatever the socket holds are late answers to calls that gave up
+        at their deadline (the server answers DEADLINE_EXCEEDED about when the caller leaves): they
+        are read and dropped, so that a hang-up behind them is seen."""
+        while True:
+            with self._lock:
+                if self._closed is not None:
+                    return False
+                if self._calls or self._reading:
+                    return True
+                try:
+                    data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    return True
+                except OSError:
+                    data = b""
+                if not data:
+                    self._closed = ConnectionClosed()
+                    return False
+                for _ in self._frames.feed(data):
+                    pass  # nobody waits for them
 
     def _fail(self, error: Status) -> None:
         with self._lock:
