@@ -112,10 +112,10 @@ def write_bundle(cfg: CreateConfig, spec, kata_root: str, undo: UndoStack) -> No
     document.setdefault("Root", {})["Path"] = rootfs
     config = os.path.join(bundle, "config.json")
     tmp = config + ".tmp"
+    undo.push("config.json", lambda: (_unlink(tmp), _unlink(config)))  # also after a failed write
     with open(tmp, "w") as f:
         json.dump(document, f, indent=2)
     os.rename(tmp, config)
-    undo.push("config.json", lambda: _unlink(config))
 
 
 def _unlink(path: str) -> None:

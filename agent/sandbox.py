@@ -182,7 +182,11 @@ class Sandbox:
             os.close(lifeline_w)
             raise Internal(f"sandbox_pidns: init did not start: {reply!r}")
         self._lifeline = lifeline_w  # held until the init is killed; if the agent dies, it exits
-        await self._reap_worker(int(reply.get("pid", 0)))
+        try:
+            await self._reap_worker(int(reply.get("pid", 0)))
+        except BaseException:  # cancelled (deadline, closed connection): the caller has no undo yet
+            self.stop_pidns_init(pid)
+            raise
         return pid
 
     @staticmethod
