@@ -167,12 +167,14 @@ class TaskService:
                 await self.call("CreateContainer", agent_pb2.CreateContainerRequest(
                     container_id=self.id, exec_id=self.id, OCI=spec), timeout=60)
                 self.mark("container created")
-            except (ttrpc.Status, OSError, ValueError) as exc:
+            except BaseException as exc:  # any failure, a cancel too: the VM and the mount go
                 await self._teardown()
                 if isinstance(exc, ttrpc.Status):
                     raise error(exc.code, f"creating the container in the VM: {exc.message}")
-                raise error(Code.INVALID_ARGUMENT if isinstance(exc, ValueError) else Code.UNAVAILABLE,
-                            f"creating the container in the VM: {exc}")
+                if isinstance(exc, (OSError, ValueError)):
+                    raise error(Code.INVALID_ARGUMENT if isinstance(exc, ValueError) else Code.UNAVAILABLE,
+                                f"creating the container in the VM: {exc}")
+                raise
             self.init = proc
             proc.io.start()
             self.publisher.publish(ev.TaskCreate(
