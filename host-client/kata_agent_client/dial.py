@@ -44,27 +44,28 @@ def keep_serial_gap(path: str) -> None:
 def dial(addr: Address, timeout: float | None = None) -> socket.socket:
     """A connected stream socket to ``addr`` (for ``serial://``, to QEMU's chardev socket)."""
     if addr.scheme == "tcp":
-        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)  # closes on failure
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    elif addr.scheme == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        sock.connect("\0" + addr.host if addr.abstract else addr.host)
+        sock.settimeout(None)
+        return sock
+    cls, family = socket.socket, socket.AF_UNIX
+    if addr.scheme == "unix":
+        target = "\0" + addr.host if addr.abstract else addr.host
     elif addr.scheme == "vsock":
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        sock.connect((addr.cid, addr.port))
+        family, target = socket.AF_VSOCK, (addr.cid, addr.port)
     elif addr.scheme == "serial":
         keep_serial_gap(addr.host)
-        sock = _SerialSocket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(addr.host)
-        except OSError:
-            sock.close()
-            raise
-        sock.path = addr.host
+        cls, target = _SerialSocket, addr.host
     else:
         raise ValueError(f"{addr}: cannot dial scheme {addr.scheme!r}")
+    sock = cls(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:  # a readiness probe dials many times: a failed attempt closes its socket at once
+        sock.settimeout(timeout)
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    if addr.scheme == "serial":
+        sock.path = addr.host  # from here on its close is remembered
     sock.settimeout(None)
     return sock
