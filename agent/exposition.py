@@ -30,7 +30,7 @@ BUCKET_LABELS = tuple(floatToGoString(b) for b in (*RPC_BUCKETS, math.inf))
 
 
 def registry(metrics: Metrics) -> CollectorRegistry:
-    reg = CollectorRegistry(auto_describe=True)
+    reg = CollectorRegistry()  # no describe pass: it would read every /proc file once more
     reg.register(RpcCollector(metrics))
     ProcessCollector(namespace=AGENT, proc=metrics.proc, registry=reg)
     reg.register(AgentCollector(metrics.counts, metrics.uptime, Path(metrics.proc)))

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from agent.config import Address
 from agent.log import JSONFormatter, TRACE
@@ -92,6 +93,7 @@ class LogPort(logging.Handler):
             except OSError:
                 if self._closed:
                     return
+                time.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
             with conn:
                 self._pump(conn)

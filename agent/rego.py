@@ -16,8 +16,10 @@ load: there a Rego document is refused with FAILED_PRECONDITION (``Unavailable``
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import logging
+import os
 import threading
 from typing import Any
 
@@ -40,14 +42,11 @@ class Unavailable(FailedPrecondition):
 
 def engine_error() -> str | None:
     """Why regopy cannot be used here, or None when it can."""
-    try:
-        import regopy  # noqa: F401
-    except ImportError as exc:
-        import platform
-
-        return (f"Rego policies need regopy (rego-cpp), which is not installed on this {platform.machine()} "
-                f"guest ({exc.msg}; PyPI has glibc wheels for x86_64 only); use the JSON rules format")
-    return None
+    # found, not imported: GetGuestDetails asks, and loading the native engine is for a policy
+    if importlib.util.find_spec("regopy") is not None:
+        return None
+    return (f"Rego policies need regopy (rego-cpp), which is not installed on this {os.uname().machine} "
+            f"guest (PyPI has glibc wheels for x86_64 only); use the JSON rules format")
 
 
 def is_rego(text: str) -> bool:

@@ -30,6 +30,7 @@ and every setting that shapes the machine. A guest whose key differs cannot use 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,6 +98,7 @@ class Template:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+@functools.lru_cache
 def qemu_version(binary: str) -> str:
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
     return out.splitlines()[0] if out else "?"
