@@ -480,6 +480,10 @@ class AsyncClient(asyncio.Protocol):
         _, client = await asyncio.get_running_loop().create_unix_connection(cls, path)
         return client
 
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     def connection_made(self, transport) -> None:
         self.transport = transport
 

@@ -81,14 +81,15 @@ def start(args) -> int:
         if args.debug:
             argv.append("-debug")
         argv.append("serve")
+        _write_address(Path.cwd() / "address", address)  # first: a shim nobody can find must not run
         with open(os.devnull, "r+b") as null:
             subprocess.Popen(argv, stdin=null, stdout=null, stderr=null, pass_fds=(sock.fileno(),),
                              env=env, start_new_session=True, cwd=os.getcwd())
-        _write_address(Path.cwd() / "address", address)
     except BaseException:
         sock.close()
         if not path.startswith("\0"):
             Path(path).unlink(missing_ok=True)
+        (Path.cwd() / "address").unlink(missing_ok=True)  # written, then the daemon did not start
         raise
     sock.close()
     sys.stdout.write(address)

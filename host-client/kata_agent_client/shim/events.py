@@ -47,7 +47,6 @@ class Publisher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.client: ttrpc.AsyncClient | None = None
         self.task: asyncio.Task | None = None
-        self.sent: list[str] = []
 
     def publish(self, event) -> None:
         if not self.address:
@@ -68,10 +67,9 @@ class Publisher:
         body = evsvc.ForwardRequest(envelope=env).SerializeToString()
         for attempt in range(attempts):
             try:
-                if self.client is None or self.client._closed is not None:
+                if self.client is None or self.client.closed:
                     self.client = await ttrpc.AsyncClient.connect_unix(self.address)
                 await self.client.call(SERVICE, "Forward", body, timeout=10)
-                self.sent.append(env.topic)
                 return
             except (OSError, ttrpc.Status) as exc:
                 log.warning("publishing %s (attempt %d): %s", env.topic, attempt + 1, exc)

@@ -25,7 +25,6 @@ from agent import linux
 log = logging.getLogger(__name__)
 
 GUEST_SHARED = "/run/kata-containers/shared/containers"
-MNT_DETACH = 2
 SOCKET_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -81,7 +80,7 @@ def mount_rootfs(mounts, bundle: Path, target: Path) -> None:
 
 def _umount(path: str) -> None:
     try:
-        linux.umount2(path, MNT_DETACH)
+        linux.umount2(path, linux.MNT_DETACH)
     except OSError as exc:
         log.warning("umount %s: %s", path, exc)
 
