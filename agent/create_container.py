@@ -112,14 +112,9 @@ def write_bundle(cfg: CreateConfig, spec, kata_root: str, undo: UndoStack) -> No
     document.setdefault("Root", {})["Path"] = rootfs
     config = os.path.join(bundle, "config.json")
     tmp = config + ".tmp"
-    undo.push("config.json", lambda: (_unlink(tmp), _unlink(config)))  # also after a failed write
+    # pushed first: a failed write leaves its temporary file
+    undo.push("config.json", lambda: (paths.unlink_missing(tmp), paths.unlink_missing(config)))
     with open(tmp, "w") as f:
         json.dump(document, f, indent=2)
     os.rename(tmp, config)
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -28,9 +28,6 @@ NAMESPACES = {
     "ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS, "user": linux.CLONE_NEWUSER,
     "cgroup": linux.CLONE_NEWCGROUP,
 }
-# /proc/<pid>/ns/<name> for each namespace type, in the order a process joins them.
-NS_FILES = {"user": "user", "cgroup": "cgroup", "ipc": "ipc", "uts": "uts", "network": "net",
-            "pid": "pid", "mount": "mnt"}
 
 CAPABILITIES = [
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
@@ -51,7 +48,6 @@ RLIMITS = {f"RLIMIT_{name}": i for i, name in enumerate((
 # Mount option words are agent.linux's (MOUNT_FLAGS, MOUNT_PROPAGATION, shared with storages);
 # runc's tmpcopyup is not done here and is dropped.
 IGNORED_OPTIONS = {"tmpcopyup"}
-MOUNT_TYPES_NEEDING_SOURCE = {"bind"}
 DEVICE_TYPES = {"c": 0o020000, "u": 0o020000, "b": 0o060000, "p": 0o010000}
 
 

@@ -216,11 +216,11 @@ class Sandbox:
         source = os.path.join(sandbox_dir, "resolv.conf")
         with open(source, "w") as f:
             f.write("".join(line + "\n" for line in lines))
-        undo.push("resolv.conf", lambda: _unlink(source))
+        undo.push("resolv.conf", lambda: paths.unlink_missing(source))
         target = self.resolv_conf
         if not os.path.lexists(target):
             open(target, "x").close()
-            undo.push("resolv.conf target", lambda: _unlink(target))
+            undo.push("resolv.conf target", lambda: paths.unlink_missing(target))
         mount_bind(source, target, recursive=False)
         undo.push("resolv.conf bind", lambda: umount(target, MNT_DETACH))
 
@@ -264,7 +264,7 @@ class Sandbox:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                _unlink(path)
+                paths.unlink_missing(path)
         os.makedirs(self.shared_dir, mode=0o755, exist_ok=True)
 
     # --- what containers take from the sandbox ---
@@ -289,12 +289,6 @@ class Sandbox:
     def guest_hooks(self) -> Hooks:
         return self.state.hooks if self.state else Hooks()
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _kill(pid: int) -> None:

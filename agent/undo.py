@@ -37,9 +37,6 @@ class UndoStack:
     def push(self, what: str, action: Undo) -> None:
         self._actions.append((what, action))
 
-    def __len__(self) -> int:
-        return len(self._actions)
-
     def commit(self) -> list[tuple[str, Undo]]:
         """Forget the registered actions and hand them to the caller (e.g. to run at removal)."""
         actions, self._actions = self._actions, []

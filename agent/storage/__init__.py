@@ -171,10 +171,6 @@ class StorageManager:
                 log.exception("cannot release storage", extra={"fields": {"mount_point": key}})
                 self.mounts.pop(key, None)
 
-    def refs(self, key: str) -> int:
-        entry = self.mounts.get(key)
-        return entry.refs if entry else 0
-
 
 def _remove_tree(path: str) -> None:
     """Remove a directory tree the agent made, never descending into a mount below it."""

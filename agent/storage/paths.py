@@ -34,6 +34,14 @@ def lexical_under(path: str, root: str, what: str) -> list[str]:
     return parts[len(root_parts):]
 
 
+def unlink_missing(path: str) -> None:
+    """Remove a file that may already be gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def map_run_dir(path: str, run_dir: str) -> str:
     """Map a guest path under /run (as the host names it) into the agent's run_dir."""
     run_dir = run_dir.rstrip("/") or "/"

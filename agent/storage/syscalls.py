@@ -58,6 +58,3 @@ def mounts_under(prefix: str) -> list[str]:
              if m.mount_point == prefix or m.mount_point.startswith(prefix + "/")]
     return list(reversed(found))
 
-
-def is_mount_point(path: str) -> bool:
-    return any(m.mount_point == path for m in mountinfo())
