@@ -109,7 +109,7 @@ class Sandbox:
             uevents=uevents, hotplug_timeout=hotplug_timeout,
             kata_root=self.kata_root, run_dir=run_dir))
         self.state: SandboxState | None = None
-        self._teardown: list = []
+        self._teardown = UndoStack()
         self._lifeline = -1
         self.lock = asyncio.Lock()
 
@@ -237,11 +237,7 @@ class Sandbox:
         """Release what CreateSandbox made; the containers are gone already (DestroySandbox)."""
         async with self.lock:
             self.storages.release_all()
-            undo = UndoStack()
-            for what, action in self._teardown:
-                undo.push(what, action)
-            await undo.rollback()
-            self._teardown = []
+            await self._teardown.rollback()
             self._clear_state()
             self.state = None
             log.info("sandbox destroyed")

@@ -24,7 +24,7 @@ Undo = Callable[[], Any] | Callable[[], Awaitable[Any]]
 
 
 class UndoStack:
-    """Collects undo actions; ``rollback`` runs them newest first, ``commit`` forgets them.
+    """Collects undo actions; ``rollback`` runs them newest first, ``commit`` hands them over.
 
     Use as ``async with UndoStack() as undo:``; leaving the block by an exception rolls back.
     Undo actions must be idempotent enough to run after a partial step; a failing undo is logged
@@ -37,10 +37,12 @@ class UndoStack:
     def push(self, what: str, action: Undo) -> None:
         self._actions.append((what, action))
 
-    def commit(self) -> list[tuple[str, Undo]]:
-        """Forget the registered actions and hand them to the caller (e.g. to run at removal)."""
-        actions, self._actions = self._actions, []
-        return actions
+    def commit(self) -> "UndoStack":
+        """Forget the registered actions and hand them over as a new stack, for the caller to
+        roll back later (e.g. at removal); this stack is empty afterwards."""
+        kept = UndoStack()
+        kept._actions, self._actions = self._actions, []
+        return kept
 
     async def rollback(self) -> None:
         while self._actions:

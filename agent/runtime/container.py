@@ -68,7 +68,7 @@ class Container:
     # exec'd processes whose status WaitProcess returned: their id is free again (as Kata's
     # agent forgets them), their output stays readable until drained, then their fds go
     retired: dict[str, Process] = field(default_factory=dict)
-    cleanup: list = field(default_factory=list)  # undo actions of CreateContainer, run at removal
+    cleanup: UndoStack = field(default_factory=UndoStack)  # CreateContainer's undo, run at removal
     hooks: Hooks = field(default_factory=Hooks)
     oci_version: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
@@ -384,10 +384,7 @@ class Runtime:
         if c.cgroup is not None:
             c.cgroup.destroy()
         self.containers.pop(c.id, None)
-        undo = UndoStack()
-        for what, action in c.cleanup:
-            undo.push(what, action)
-        await undo.rollback()
+        await c.cleanup.rollback()
         log.info("container removed", extra={"fields": {"container_id": c.id}})
         await self._run_hooks(c, "remove", "stopped")
 
