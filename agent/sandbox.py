@@ -234,10 +234,14 @@ class Sandbox:
 
     # --- DestroySandbox ---
     async def destroy(self) -> None:
-        """Release what CreateSandbox made; the containers are gone already (DestroySandbox)."""
+        """Release what CreateSandbox made; the containers are gone already (DestroySandbox).
+
+        The rollback of CreateSandbox's steps releases the sandbox's storages; with the
+        containers' references released at their removal, a storage still mounted after it is
+        a leak, logged and taken down by the sweep."""
         async with self.lock:
-            self.storages.release_all()
             await self._teardown.rollback()
+            self.storages.sweep_leaks()
             self._clear_state()
             self.state = None
             log.info("sandbox destroyed")

@@ -10,7 +10,7 @@ import os
 from google.protobuf import empty_pb2
 
 from agent.copyfile import copy_file, shared_root_for
-from agent.errors import InvalidArgument, NotFound
+from agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from agent.rpc import rpc
 from agent.storage.syscalls import MNT_DETACH, MS_REMOUNT, mountinfo, parse_options, mount, umount
 
@@ -27,6 +27,10 @@ async def create_sandbox(agent, request):
 @rpc("DestroySandbox")
 async def destroy_sandbox(agent, request):
     await agent.runtime.remove_all()
+    left = sorted(agent.runtime.containers)
+    if left:  # their removal is to be retried (RemoveContainer): their mounts and bundles stay
+        raise FailedPrecondition(f"container(s) {', '.join(left)} could not be removed; "
+                                 "RemoveContainer them again, then DestroySandbox")
     await agent.sandbox.destroy()
     return EMPTY()
 

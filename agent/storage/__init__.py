@@ -162,15 +162,20 @@ class StorageManager:
         paths.remove_dirs(entry.created)
         log.info("storage released", extra={"fields": {"mount_point": entry.key}})
 
-    def release_all(self) -> None:
-        for key in sorted(self.mounts, reverse=True):
+    def sweep_leaks(self) -> list[str]:
+        """After every user released its references: whatever is still mounted leaked (an undo
+        that did not run); log each and take it down. Returns the leaked mount points."""
+        leaked = sorted(self.mounts, reverse=True)
+        for key in leaked:
             entry = self.mounts[key]
+            log.error("storage leaked: still referenced after its users released it",
+                      extra={"fields": {"mount_point": key, "refs": entry.refs}})
             try:
                 self._take_down(entry)
             except OSError:
                 log.exception("cannot release storage", extra={"fields": {"mount_point": key}})
                 self.mounts.pop(key, None)
-
+        return leaked
 
 def _remove_tree(path: str) -> None:
     """Remove a directory tree the agent made, never descending into a mount below it."""

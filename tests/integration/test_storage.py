@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from tests.integration.test_resources import LAYOUT, cgparent  # noqa: F401 - a fixture
 from tests.integration.test_sandbox import (KATA, agent_path, code_of, mounts, run_sh, snapshot,
                                             spec_json, start_and_wait)
 
@@ -181,3 +182,28 @@ def test_device_rewritten_to_guest_numbers(agent, busybox_rootfs, ext4_image, lo
     assert status == 0, out
     assert re.search(rf"\b{major},\s+{minor}\b", out), out  # the guest's numbers, not 253:9
     assert "53 ef" in out  # the ext4 superblock magic, read through the device cgroup
+
+
+def test_destroy_sandbox_leaves_a_container_whose_removal_is_to_be_retried(cgparent, agent, busybox_rootfs):
+    """A container whose cgroup cannot go (a child cgroup in it) stays registered for another
+    RemoveContainer: DestroySandbox refuses and leaves its storage mounted (it used to unmount
+    every storage first), and succeeds once the container is removed."""
+    agent.client.call("CreateSandbox", {})
+    cid, mp = "stuck", f"{KATA}/shared/containers/stuck-vol"
+    spec = spec_json(busybox_rootfs, ["true"])
+    spec["Linux"]["CgroupsPath"] = cgparent.path(cid)
+    agent.client.call("CreateContainer", {"container_id": cid, "OCI": spec, "storages": [
+        {"driver": "ephemeral", "source": "tmpfs", "mount_point": mp}]})
+    blocker = os.path.join(LAYOUT.roots()[0], cgparent.name, cid, "blocker")
+    os.mkdir(blocker)
+    try:
+        code, msg = code_of(agent, "RemoveContainer", {"container_id": cid})
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, msg
+        code, msg = code_of(agent, "DestroySandbox", {})
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and cid in msg, msg
+        assert len(mounted(agent, mp)) == 1
+    finally:
+        os.rmdir(blocker)
+    agent.client.call("RemoveContainer", {"container_id": cid})
+    assert mounted(agent, mp) == []
+    agent.client.call("DestroySandbox", {})
