@@ -29,7 +29,7 @@ from agent.oci import CreateConfig
 from agent.protocols import agent_pb2
 from agent.runtime.container import Container, Runtime
 from agent.sandbox import RESOLV_CONF, Sandbox
-from agent.storage import paths
+from agent.storage import Checked, paths
 from agent.storage.syscalls import MNT_DETACH, mount_bind, umount
 from agent.uevent import UeventListener
 from agent.undo import UndoStack, fault_point
@@ -43,12 +43,12 @@ async def create_container(req: agent_pb2.CreateContainerRequest, runtime: Runti
     cid = check_id(req.container_id)
     cfg = oci.convert(req.OCI, cid, oci.string_user(req.string_user))
     with runtime.reserve(cid):
-        check(req, sandbox)
+        storages = check(req, sandbox)
         async with UndoStack() as undo:
             await devices.prepare(uevents, req.devices, cfg, hotplug_timeout)
             oci.allow_devices(cfg)
             fault_point("devices")
-            await sandbox.storages.add_all(req.storages, "storages", undo)
+            await sandbox.storages.add_all(storages, undo)
             fault_point("storages")
             join_sandbox_namespaces(cfg, sandbox, req.sandbox_pidns)
             add_dns(cfg, sandbox)
@@ -61,17 +61,19 @@ async def create_container(req: agent_pb2.CreateContainerRequest, runtime: Runti
     return container
 
 
-def check(req: agent_pb2.CreateContainerRequest, sandbox: Sandbox) -> None:
-    """Everything of the request beyond the spec, before anything is done."""
+def check(req: agent_pb2.CreateContainerRequest, sandbox: Sandbox) -> list[Checked]:
+    """Everything of the request beyond the spec, before anything is done; returns the checked
+    storages."""
     if len(req.shared_mounts):
         raise Unimplemented("shared_mounts: sharing mounts between containers is not "
                             "implemented by this agent")
     for i, d in enumerate(req.devices):
         devices.check_device(d, f"devices[{i}]")
-    sandbox.storages.check(req.storages, "storages")
+    storages = sandbox.storages.check(req.storages, "storages")
     sandbox.check_pidns(req.sandbox_pidns)
     if os.path.lexists(os.path.join(sandbox.kata_root, req.container_id, "config.json")):
         raise AlreadyExists(f"container_id: {req.container_id!r} has a bundle already")
+    return storages
 
 
 def join_sandbox_namespaces(cfg: CreateConfig, sandbox: Sandbox, sandbox_pidns: bool) -> None:

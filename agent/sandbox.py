@@ -22,7 +22,7 @@ from agent.hooks import Hooks
 from agent.runtime import command
 from agent.runtime.reaper import REAPER
 from agent.runtime.spawner import Spawner
-from agent.storage import MountContext, StorageManager, paths
+from agent.storage import Checked, MountContext, StorageManager, paths
 from agent.storage.syscalls import MNT_DETACH, MS_BIND, mount, mount_bind, mounts_under, umount
 from agent.uevent import UeventListener
 from agent.undo import UndoStack, fault_point
@@ -118,7 +118,8 @@ class Sandbox:
         return self.state is not None
 
     # --- CreateSandbox ---
-    def check_create(self, req) -> None:
+    def check_create(self, req) -> list[Checked]:
+        """Check the whole request before anything is done; returns the checked storages."""
         check_id(req.sandbox_id, "sandbox_id", allow_empty=True)
         if len(req.hostname.encode()) > HOSTNAME_MAX or any(c in req.hostname for c in "\0\n/"):
             raise InvalidArgument(f"hostname: {req.hostname!r} is not a valid host name")
@@ -133,22 +134,23 @@ class Sandbox:
                     raise InvalidArgument(f"kernel_modules[{i}].parameters[{j}]: {p!r} is not NAME=VALUE")
         if req.guest_hook_path and not req.guest_hook_path.startswith("/"):
             raise InvalidArgument(f"guest_hook_path: {req.guest_hook_path!r} is not absolute")
-        self.storages.check(req.storages, "storages")
+        return self.storages.check(req.storages, "storages")
 
     async def create(self, req) -> None:
         async with self.lock:
             if self.created:
                 raise AlreadyExists(f"sandbox: already created (sandbox_id {self.state.sandbox_id!r}); "
                                     "DestroySandbox first")
-            self.check_create(req)
+            storages = self.check_create(req)
             state = SandboxState(sandbox_id=req.sandbox_id, hostname=req.hostname)
             async with UndoStack() as undo:
-                await self._create_steps(req, state, undo)
+                await self._create_steps(req, storages, state, undo)
                 self._teardown = undo.commit()
             self.state = state
             log.info("sandbox created", extra={"fields": {"sandbox_id": req.sandbox_id}})
 
-    async def _create_steps(self, req, state: SandboxState, undo: UndoStack) -> None:
+    async def _create_steps(self, req, storages: list[Checked], state: SandboxState,
+                            undo: UndoStack) -> None:
         state.pinned = pin_namespaces(self.ns_dir, req.hostname)
         undo.push("pinned namespaces", lambda p=state.pinned: unpin_namespaces(p))
         fault_point("pin_namespaces")
@@ -162,7 +164,7 @@ class Sandbox:
         for i, mod in enumerate(req.kernel_modules):
             await self._load_module(mod, f"kernel_modules[{i}]", undo)
         fault_point("kernel_modules")
-        state.storages = await self.storages.add_all(req.storages, "storages", undo)
+        state.storages = await self.storages.add_all(storages, undo)
         fault_point("sandbox_storages")
         if req.guest_hook_path:
             state.hooks = hooks.scan(req.guest_hook_path)

@@ -55,6 +55,16 @@ class Mounted:
     spec: tuple = ()
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A storage of a request that ``StorageManager.check`` passed, with its mount point."""
+
+    storage: Any
+    what: str  # the request's field, e.g. storages[0]
+    parts: tuple[str, ...]  # the mount point's components below kata_root
+    target: str
+
+
 def storage_spec(storage) -> tuple:
     return (storage.driver, storage.source, storage.fstype, tuple(storage.options),
             tuple(storage.driver_options))
@@ -68,34 +78,45 @@ class StorageManager:
         self.mounts: dict[str, Mounted] = {}
         self._lock = asyncio.Lock()  # one mount at a time: two users of a mount point share it
 
-    def target_of(self, storage, what: str) -> str:
+    def _locate(self, storage, what: str) -> tuple[list[str], str]:
+        """The mount point's components below kata_root, and the path they make."""
         mapped = paths.map_run_dir(storage.mount_point, self.ctx.run_dir)
         parts = paths.lexical_under(mapped, self.ctx.kata_root, f"{what}.mount_point")
-        return os.path.join(self.ctx.kata_root, *parts)
+        return parts, os.path.join(self.ctx.kata_root, *parts)
 
-    def check(self, storages, field_name: str) -> list[str]:
-        """Validate every storage before any is mounted; returns their mount points."""
-        targets = []
+    def target_of(self, storage, what: str) -> str:
+        return self._locate(storage, what)[1]
+
+    def check(self, storages, field_name: str) -> list[Checked]:
+        """Validate every storage before any is mounted; returns them with their mount points,
+        for ``add_all``.
+
+        Each mount point is resolved once, lexically: no ``..``, no ``.`` and no empty
+        components remain, so two spellings of one path compare equal; a symlink on the way is
+        refused when the mount point is walked (``paths.walk_dirs``)."""
+        checked: list[Checked] = []
+        seen: set[str] = set()
         for i, s in enumerate(storages):
             what = f"{field_name}[{i}]"
             drv = DRIVERS.get(s.driver)
             if drv is None:
                 raise InvalidArgument(f"{what}.driver: unknown storage driver {s.driver!r} "
                                       f"(known: {', '.join(sorted(DRIVERS))})")
-            target = self.target_of(s, what)
-            if target in (os.path.realpath(t) for t in targets):
+            parts, target = self._locate(s, what)
+            if target in seen:
                 raise InvalidArgument(f"{what}.mount_point: {s.mount_point!r} appears twice")
             drv.check(self.ctx, s, what)
-            targets.append(target)
-        return targets
+            seen.add(target)
+            checked.append(Checked(s, what, tuple(parts), target))
+        return checked
 
-    async def add(self, storage, what: str) -> str:
-        """Mount ``storage`` (or take another reference to it); returns the mount point key."""
+    async def add(self, checked: Checked) -> str:
+        """Mount a checked storage (or take another reference to it); returns the mount point key."""
         async with self._lock:
-            return await self._add(storage, what)
+            return await self._add(checked)
 
-    async def _add(self, storage, what: str) -> str:
-        target = self.target_of(storage, what)
+    async def _add(self, checked: Checked) -> str:
+        storage, what, target = checked.storage, checked.what, checked.target
         have = self.mounts.get(target)
         if have is not None:
             if have.spec != storage_spec(storage):
@@ -104,8 +125,7 @@ class StorageManager:
             have.refs += 1
             return target
         drv = DRIVERS[storage.driver]
-        walk = paths.walk_dirs(self.ctx.kata_root, paths.lexical_under(
-            target, self.ctx.kata_root, f"{what}.mount_point"), mode=0o750)
+        walk = paths.walk_dirs(self.ctx.kata_root, list(checked.parts), mode=0o750)
         try:
             # the walk refused symlinks on the way; nothing else in the agent swaps directories
             # under /run/kata-containers for symlinks, so the path is still the one checked
@@ -133,11 +153,11 @@ class StorageManager:
             return
         apply_fs_group(target, storage.fs_group.group_id, storage.fs_group.group_change_policy)
 
-    async def add_all(self, storages, field_name: str, undo) -> list[str]:
-        """Mount each storage (all checked first, with ``check``), registering its release on ``undo``."""
+    async def add_all(self, checked: list[Checked], undo) -> list[str]:
+        """Mount each storage ``check`` returned, registering its release on ``undo``."""
         keys = []
-        for i, s in enumerate(storages):
-            key = await self.add(s, f"{field_name}[{i}]")
+        for c in checked:
+            key = await self.add(c)
             undo.push(f"storage {key}", lambda key=key: self.release(key))
             keys.append(key)
         return keys
