@@ -34,6 +34,7 @@ asyncio = _asyncio_without_tls()
 from agent import config as config_mod  # noqa: E402
 from agent import linux  # noqa: E402
 from agent import log as log_mod  # noqa: E402
+from agent.bootpolicy import BootPolicy  # noqa: E402
 from agent.runtime.spawner import start_spawner  # noqa: E402
 
 
@@ -55,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         log_port = logport.attach(cfg.log_addr)  # buffers until it listens, once the forks are done
     log_mod.report_settings(cfg)
     pid1 = os.getpid() == 1
+    boot_policy = BootPolicy(cfg.policy_file)  # parsed once, by the first that needs it
     if pid1:
         from agent import init
 
-        init.pid1_setup(cfg.cmdline, cfg)
+        init.pid1_setup(cfg.cmdline, cfg, boot_policy)
     _become_subreaper()
 
     spawner = start_spawner()
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             log_port = None
 
     try:
-        return asyncio.run(wiring.run(cfg, spawner))
+        return asyncio.run(wiring.run(cfg, spawner, boot_policy))
     finally:
         if log_port is not None:
             log_port.close()  # what is buffered goes to a connected host first

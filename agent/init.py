@@ -37,6 +37,7 @@ import sys
 import time
 
 from agent import linux
+from agent.bootpolicy import BootPolicy
 from agent.linux import MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RELATIME
 
 __all__ = ["read_cmdline", "pid1_setup", "poweroff", "shutdown", "load_modules", "setup_network"]
@@ -392,18 +393,18 @@ def _exec_shell(fd: int | None, tty: str | None) -> None:
         os._exit(127)
 
 
-def debug_console_allowed(policy_source: str) -> bool:
+def debug_console_allowed(boot_policy: BootPolicy) -> bool:
     """Whether the boot policy (agent.policy / --policy-file) lets the debug console start: its
     ``DebugConsole`` method in JSON rules, its ``DebugConsoleRequest`` rule in Rego (undefined:
     denied, as any undefined rule). No policy: allowed. A policy that cannot be read: denied (the
-    agent then refuses to serve anyway)."""
-    if not policy_source:
-        return True
+    agent then refuses to serve anyway). The parsed policy stays in ``boot_policy`` for the agent."""
     try:
+        parsed = boot_policy.get()
+        if parsed is None:
+            return True
         from agent import policy
 
-        text, source = policy.load_source(policy_source)
-        decision = policy.parse(text, source).decide(policy.DEBUG_CONSOLE, None)
+        decision = parsed.decide(policy.DEBUG_CONSOLE, None)
     except Exception as exc:  # noqa: BLE001 - any failure keeps the shell closed
         _log(f"debug console not started: the boot policy cannot be used: {exc}")
         return False
@@ -479,12 +480,15 @@ def _merge_cmdline(full: dict[str, str], given: dict[str, str]) -> dict[str, str
     return out
 
 
-def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
+def pid1_setup(cmdline: dict[str, str] | None = None, settings=None,
+               boot_policy: BootPolicy | None = None) -> None:
     """Everything PID 1 must do before the agent serves. Safe to call twice.
 
     ``cmdline`` may be the full kernel command line (read_cmdline()) or agent/config.py's
     ``agent.*`` keys without the prefix; /proc/cmdline is read here either way, once /proc is up.
     ``settings`` is the agent's agent.config.Config; without it, it is read from the command line.
+    ``boot_policy`` is the agent's (read when the debug console asks it, and kept parsed for the
+    agent); without it, it is settings.policy_file's.
     """
     t0 = time.monotonic()
     os.environ.setdefault("PATH", DEFAULT_PATH)
@@ -520,7 +524,9 @@ def pid1_setup(cmdline: dict[str, str] | None = None, settings=None) -> None:
         identity.ensure_machine_id()
     except OSError as e:
         _log(f"machine-id: {e}")
-    if (settings.debug_console or settings.debug_console_vport) and debug_console_allowed(settings.policy_file):
+    if boot_policy is None:
+        boot_policy = BootPolicy(settings.policy_file)
+    if (settings.debug_console or settings.debug_console_vport) and debug_console_allowed(boot_policy):
         start_debug_console(cmdline, settings)
     _log(f"pid1 set-up {time.monotonic() - t0:.3f}s (mounts {t1 - t0:.3f}, modules {t2 - t1:.3f}, "
          f"network {t3 - t2:.3f})")

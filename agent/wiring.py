@@ -18,6 +18,7 @@ import signal
 import time
 
 from agent import policy
+from agent.bootpolicy import BootPolicy
 from agent.config import Config
 from agent.context import Agent
 from agent.errors import AgentError
@@ -46,18 +47,18 @@ def all_handlers() -> dict[str, Handler]:
     return handlers(containers, resources, sandbox_rpc, network, guest)
 
 
-def boot_policy(value: str) -> policy.PolicyHolder:
-    """The policy from --policy-file / agent.policy=, else allow-all; a bad one is a StartError."""
-    if not value:
-        return policy.PolicyHolder()
+def boot_policy(boot: BootPolicy) -> policy.PolicyHolder:
+    """The boot policy (parsed once, perhaps already by PID 1's set-up), else allow-all; a bad one
+    is a StartError."""
     try:
-        text, source = policy.load_source(value)
-        holder = policy.PolicyHolder(policy.parse(text, source))
+        parsed = boot.get()
     except (OSError, AgentError) as exc:  # PolicyError, or no Rego engine here (FAILED_PRECONDITION)
-        message = exc.message if isinstance(exc, AgentError) else f"{value}: {exc.strerror}"
+        message = exc.message if isinstance(exc, AgentError) else f"{boot.value}: {exc.strerror}"
         raise StartError(f"policy at boot: {message}") from None
-    log.info("policy loaded", extra={"fields": {"source": source, "rules": len(holder.current.rules)}})
-    return holder
+    if parsed is None:
+        return policy.PolicyHolder()
+    log.info("policy loaded", extra={"fields": {"source": boot.source, "rules": len(parsed.rules)}})
+    return policy.PolicyHolder(parsed)
 
 
 def uevent_listener() -> UeventListener | None:
@@ -70,7 +71,8 @@ def uevent_listener() -> UeventListener | None:
     return listener
 
 
-async def build(config: Config, spawner: Spawner) -> tuple[Agent, UndoStack]:
+async def build(config: Config, spawner: Spawner,
+                boot: BootPolicy | None = None) -> tuple[Agent, UndoStack]:
     """Every component, in order (in the running event loop: the uevent listener joins it), and
     the stack that tears them down in reverse. On a failure, what was built is torn down again
     and StartError says why."""
@@ -79,7 +81,7 @@ async def build(config: Config, spawner: Spawner) -> tuple[Agent, UndoStack]:
     try:
         agent.metrics = Metrics(counts=lambda: agent.runtime.counts() if agent.runtime else (0, 0),
                                 uptime=lambda: time.monotonic() - agent.started_at)
-        agent.policy = boot_policy(config.policy_file)
+        agent.policy = boot_policy(boot or BootPolicy(config.policy_file))
         agent.runtime = runtime = Runtime(spawner, config.run_dir, pipe_size=config.container_pipe_size)
         teardown.push("runtime", lambda: _remove_containers(runtime))
         agent.uevents = uevents = uevent_listener()
@@ -102,8 +104,9 @@ async def _remove_containers(runtime: Runtime) -> None:
     runtime.close()
 
 
-async def run(config: Config, spawner: Spawner) -> int:
-    """Build the agent, serve until asked to stop, tear down; returns the exit status."""
+async def run(config: Config, spawner: Spawner, boot: BootPolicy | None = None) -> int:
+    """Build the agent, serve until asked to stop, tear down; returns the exit status. ``boot``:
+    the boot policy as PID 1's set-up left it (parsed if the debug console asked)."""
     loop = asyncio.get_running_loop()
     REAPER.install(loop)
     spawner.supervise()
@@ -112,7 +115,7 @@ async def run(config: Config, spawner: Spawner) -> int:
     front: Front | None = None
     rc = 0
     try:
-        agent, teardown = await build(config, spawner)
+        agent, teardown = await build(config, spawner, boot)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stopping.set)
         front = Front(Services(agent, all_handlers()), config.run_dir)

@@ -110,17 +110,56 @@ def test_json_rules_still_parse_and_can_govern_the_debug_console():
 
 
 def test_boot_policy_decides_the_debug_console(tmp_path):
+    from agent.bootpolicy import BootPolicy
     from agent.init import debug_console_allowed
 
-    assert debug_console_allowed("")  # no policy: as asked on the command line
+    def allowed(value: str) -> bool:
+        return debug_console_allowed(BootPolicy(value))
+
+    assert allowed("")  # no policy: as asked on the command line
     deny = tmp_path / "deny.json"
     deny.write_text('{"rules": [{"name": "no-shell", "method": "DebugConsole", "action": "deny"}]}')
-    assert not debug_console_allowed(str(deny))
-    assert debug_console_allowed(str(POLICIES / "allow-all-except-exec-process.rego")) is False  # no rule
+    assert not allowed(str(deny))
+    assert allowed(str(POLICIES / "allow-all-except-exec-process.rego")) is False  # no rule
     allow = tmp_path / "allow.rego"
     allow.write_text("package agent_policy\ndefault DebugConsoleRequest := true\n")
-    assert debug_console_allowed(str(allow))
-    assert not debug_console_allowed(str(tmp_path / "missing.json"))
+    assert allowed(str(allow))
+    assert not allowed(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("document", [
+    '{"rules": [{"name": "shell", "method": "DebugConsole", "action": "allow"}]}',
+    '{"rules": [{"name": "no-shell", "method": "DebugConsole", "action": "deny"}]}',
+    "package agent_policy\ndefault DebugConsoleRequest := true\n",
+    '{"rules": "not a list"}',
+], ids=["allowed", "denied", "rego", "invalid"])
+def test_the_boot_policy_is_parsed_once_for_the_console_and_the_agent(tmp_path, monkeypatch, document):
+    """PID 1's set-up asks the boot policy about the debug console, then the wiring makes it the
+    agent's: one parse (it was read and parsed twice), the same policy object, the same error."""
+    from agent import wiring
+    from agent.bootpolicy import BootPolicy
+    from agent.init import debug_console_allowed
+
+    path = tmp_path / "policy"
+    path.write_text(document)
+    calls, parsed = [], []
+    parse = policy.parse
+
+    def counted(*args):
+        calls.append(args)
+        parsed.append(parse(*args))
+        return parsed[-1]
+    monkeypatch.setattr(policy, "parse", counted)
+    boot = BootPolicy(str(path))
+    allowed = debug_console_allowed(boot)
+    if document.startswith('{"rules": "'):
+        assert not allowed
+        with pytest.raises(wiring.StartError, match="policy at boot: policy.rules: expected a list"):
+            wiring.boot_policy(boot)
+    else:
+        assert allowed == ("no-shell" not in document)
+        assert wiring.boot_policy(boot).current is parsed[0]
+    assert len(calls) == 1
 
 
 def test_a_rule_that_fails_to_evaluate_denies():
