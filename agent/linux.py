@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -20,6 +21,10 @@ from typing import NamedTuple
 _MACHINE = os.uname().machine  # what platform.machine() says, without importing platform (45 ms in a TCG guest)
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Looked up now, once: the spawner imports this module before it forks, so its children find
+# these resolved instead of each paying dlsym and ctypes' set-up for every first call.
+for _name in ("mount", "umount2", "setns", "unshare", "sethostname", "prctl", "capset", "syscall"):
+    getattr(_libc, _name)
 
 # mount(2) flags
 MS_RDONLY = 1
@@ -197,7 +202,9 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     _check(_libc.capset(ctypes.byref(hdr), data), "capset")
 
 
+@functools.cache
 def cap_last_cap() -> int:
+    """The highest capability the kernel knows (read once: the spawner reads it before it forks)."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())

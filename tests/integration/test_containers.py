@@ -89,6 +89,24 @@ def test_pid1_and_hostname(agent, busybox_rootfs, container_id):
     assert out.split() == ["1", "box1"]
 
 
+def test_init_and_exec_each_lead_a_session(agent, busybox_rootfs, container_id):
+    """As runc: the init, and each exec'd process, start a session and process group of their
+    own (the zygote that becomes the init makes its session while it waits). Outside them, in
+    the agent's session, the container's /proc would show 0."""
+    status, out, _ = sh(agent, container_id, busybox_rootfs, "cut -d' ' -f5,6 /proc/1/stat")
+    assert (status, out.split()) == (0, ["1", "1"])
+    create(agent, container_id, make_spec(busybox_rootfs, ["sleep", "100"]))
+    agent.client.call("StartContainer", {"container_id": container_id})
+    proc = {"Args": ["sh", "-c", "echo $$ $$; cut -d' ' -f5,6 /proc/$$/stat"], "Cwd": "/", "Env": ["PATH=/bin"]}
+    agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+    assert agent.client.call("WaitProcess", {"container_id": container_id, "exec_id": "e1"}).status == 0
+    mine, stat = read_all(agent, container_id, exec_id="e1").decode().splitlines()
+    assert stat == mine
+    agent.client.call("SignalProcess", {"container_id": container_id, "signal": 9})
+    agent.client.call("WaitProcess", {"container_id": container_id})
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
 def test_network_namespace_new_shared_or_joined(agent, busybox_rootfs, container_id):
     """A new network namespace when the spec lists one, the agent's when it does not, and the
     one given by path. (The PID 1 zygote makes a network namespace before any request comes.)"""

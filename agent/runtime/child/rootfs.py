@@ -84,6 +84,23 @@ def _bind_target(rootfs: str, m: dict[str, Any]) -> str:
     return dest
 
 
+# What ``learn`` read ahead: (the cgroup mounts, this process's cgroups), or None.
+_learned: tuple[list[tuple[str, str, str, str]], dict[str, str]] | None = None
+
+
+def learn() -> None:
+    """Read the cgroup mounts and this process's cgroups ahead, in a zygote waiting for a
+    request (0.3-0.4 ms in a fresh fork). They do not change meanwhile: the guest's cgroup
+    file systems are mounted before the spawner starts (agent.init), and the agent's cgroup
+    layout relies on that too. A container in a new cgroup namespace needs only which
+    hierarchies there are; one without reads its own cgroups again once it joined them."""
+    global _learned
+    try:
+        _learned = (_cgroup_mounts(), _own_cgroups())
+    except OSError:
+        _learned = None  # read at the mount, which then fails with the reason
+
+
 def _own_cgroups() -> dict[str, str]:
     """controllers (as in /proc/self/cgroup, "" for cgroup2) -> this process's cgroup path."""
     out = {}
@@ -115,8 +132,9 @@ def _mount_cgroup(rootfs: str, m: dict[str, Any], fresh: bool) -> None:
     """
     where = f"mount {m['destination']}"
     dest = step(where, mkdir_all, rootfs, m["destination"])
-    own = _own_cgroups()
-    mounts = _cgroup_mounts()
+    mounts, own = _learned or (_cgroup_mounts(), {})
+    if not fresh or not own:  # the paths are needed: those of the cgroup joined since
+        own = _own_cgroups()
     flags = m["flags"] & ~linux.MS_RDONLY
     if len(mounts) == 1 and mounts[0][1] == "cgroup2":
         point, _, root, _ = mounts[0]
