@@ -54,6 +54,10 @@ def _serve(sock: socket.socket, init_sock: socket.socket) -> None:
 
     # Every role's code, loaded once here so that the forks share it (the agent never loads it).
     import agent.runtime.child.intermediate  # noqa: F401
+    from agent.runtime.child import process, rootfs
+
+    rootfs.learn()  # what every container's set-up would read again in a fresh fork
+    process.learn()
 
     # Forked children run briefly and exit or exec: a collection there would write to every
     # object's page and copy it. Freezing also keeps the spawner's own pages shared.
@@ -127,11 +131,9 @@ def _reap(block: bool = False) -> None:
 
 
 def _zygote(sock: socket.socket, sockets, taken: int, pidns: bool, spawner: int = 0) -> None:
-    from agent.runtime.child import container_init, process, rootfs
+    from agent.runtime.child import container_init
 
     try:
-        rootfs.learn()  # what every request would read, read while none waits
-        process.learn()
         premade: dict[int, int] = {}
         if pidns:  # the agent's child: it ends when the agent closes the socket
             premade = container_init.premake_namespaces()

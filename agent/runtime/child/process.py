@@ -112,9 +112,9 @@ _ignored: list[int] | None = None
 
 
 def learn() -> None:
-    """Find the ignored signals (and the last capability) ahead, in a zygote waiting for a request (about 0.3 ms of a
-    fresh fork's time otherwise). Nothing in the children changes a disposition before
-    ``_reset_signals``."""
+    """Find the ignored signals (and the last capability) ahead, once in the spawner before it
+    forks (about 0.3 ms of each fresh fork's time otherwise): its children inherit its
+    dispositions, and nothing in them changes one before ``_reset_signals``."""
     global _ignored
     _ignored = _ignored_signals()
     linux.cap_last_cap()  # cached

@@ -89,10 +89,11 @@ _learned: tuple[list[tuple[str, str, str, str]], dict[str, str]] | None = None
 
 
 def learn() -> None:
-    """Read the cgroup mounts and this process's cgroups ahead, in a zygote waiting for a
-    request (0.3-0.4 ms in a fresh fork). They do not change meanwhile: the guest's cgroup
-    file systems are mounted before the spawner starts (agent.init), and the agent's cgroup
-    layout relies on that too. A container in a new cgroup namespace needs only which
+    """Read the cgroup mounts and this process's cgroups ahead, once in the spawner before it
+    forks (each container's init paid 0.3-0.4 ms for it in a fresh fork). They do not change
+    meanwhile: the guest's cgroup file systems are mounted before the spawner starts
+    (agent.init), and the agent's cgroup layout relies on that too; the hierarchies a process
+    is in are the same for the spawner and its forks. A container in a new cgroup namespace needs only which
     hierarchies there are; one without reads its own cgroups again once it joined them."""
     global _learned
     try:
