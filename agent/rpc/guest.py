@@ -26,7 +26,7 @@ async def set_policy(agent: Agent, request: agent_pb2.SetPolicyRequest):
 
 @rpc("GetMetrics")
 async def get_metrics(agent: Agent, request):
-    return agent_pb2.Metrics(metrics=agent.metrics.text())
+    return agent_pb2.Metrics(metrics=await agent.metrics.scrape())
 
 
 @rpc("GetGuestDetails")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -88,3 +91,58 @@ def test_process_metrics_of_this_process_and_no_global_registry():
     assert abs(s[("kata_agent_process_open_fds", ())] - len(os.listdir("/proc/self/fd"))) <= 2
     assert REGISTRY.get_sample_value("kata_agent_rpc_requests_total",
                                      {"method": "ListRoutes", "code": "OK"}) is None
+
+
+class _HeldImport:
+    """A meta path finder that holds the import of ``agent.exposition`` (the first scrape's)
+    until released, and says when it began; it finds nothing itself."""
+
+    def __init__(self) -> None:
+        self.began = threading.Event()
+        self.release = threading.Event()
+        self.order: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "agent.exposition" and not self.began.is_set():
+            self.order.append("import began")
+            self.began.set()
+            self.release.wait(30)  # a bound so that a loop it blocks cannot hang the test
+            self.order.append("import done")
+        return None
+
+
+def test_a_health_check_is_served_while_the_first_scrape_imports(monkeypatch):
+    """The first GetMetrics imports prometheus-client (0.35 s in a TCG guest): in a thread, so a
+    Health call that comes meanwhile is answered before that import ends (it waited for it when
+    the import ran on the event loop)."""
+    from agent.config import Config
+    from agent.context import Agent
+    from agent.protocols import health_pb2
+    from agent.service import Services
+    from agent.wiring import all_handlers
+
+    import agent
+
+    monkeypatch.delitem(sys.modules, "agent.exposition", raising=False)  # as in a fresh agent
+    monkeypatch.delattr(agent, "exposition", raising=False)
+    held = _HeldImport()
+    monkeypatch.setattr(sys, "meta_path", [held, *sys.meta_path])
+
+    async def scenario() -> tuple[bytes, bytes]:
+        services = Services(Agent(config=Config(), metrics=Metrics()), all_handlers())
+        scrape = asyncio.ensure_future(services.dispatch("grpc.AgentService", "GetMetrics", b""))
+        while not held.began.is_set():
+            assert not scrape.done(), "GetMetrics did not import agent.exposition"
+            await asyncio.sleep(0.001)
+        health = await services.dispatch("grpc.Health", "Check", b"")
+        held.order.append("health answered")
+        held.release.set()
+        return health, await scrape
+
+    health, metrics = asyncio.run(scenario())
+    assert held.order == ["import began", "health answered", "import done"]
+    assert health_pb2.HealthCheckResponse.FromString(health).status == health_pb2.HealthCheckResponse.SERVING
+    from agent.protocols import agent_pb2
+
+    text = agent_pb2.Metrics.FromString(metrics).metrics
+    assert "# TYPE kata_agent_rpc_requests_total counter" in text
