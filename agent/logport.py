@@ -62,25 +62,17 @@ class LogPort(logging.Handler):
     def listen(self) -> None:
         """Bind and listen now (an error names the address), then serve from a daemon thread."""
         a = self.addr
-        if a.scheme == "vsock":
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-            target: object = (a.cid, a.port)
-        elif a.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target = "\0" + a.host if a.abstract else a.host
-        elif a.scheme == "tcp":
-            sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            target = (a.host, a.port)
-        else:  # a virtio-serial port has one reader, the agent's own channel: not a log port
+        if a.scheme not in ("vsock", "unix", "tcp"):
+            # a virtio-serial port has one reader, the agent's own channel: not a log port
             raise OSError(0, f"log port {a}: a log port listens on vsock, unix or tcp")
+        from agent.server import ListenError, listen_socket  # (loaded by then: agent.wiring's)
+
         try:
-            sock.bind(target)
-            sock.listen(1)
-        except OSError as exc:
-            sock.close()
-            raise OSError(exc.errno, f"log port {a}: {exc.strerror}") from None
-        sock.set_inheritable(False)
+            # a stale unix socket file is replaced, a live one (another agent's) refused
+            sock = listen_socket(a, backlog=1)
+        except ListenError as exc:
+            raise OSError(exc.errno, f"log port {a}: {exc.reason}") from None
+        sock.setblocking(True)
         self._listener = sock
         self._thread = threading.Thread(target=self._serve, name="log-port", daemon=True)
         self._thread.start()

@@ -17,6 +17,7 @@ PyPI's grpcio has no vsock, and one listener per address must serve both protoco
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import logging
 import os
@@ -36,13 +37,20 @@ SNIFF_SECONDS = 10.0
 
 
 class ListenError(OSError):
-    """A listen address could not be bound."""
+    """A listen address could not be bound; ``reason`` says why, without the address."""
+
+    def __init__(self, addr: Address | str, reason: str, errno_: int = 0) -> None:
+        super().__init__(f"cannot listen on {addr}: {reason}")
+        self.reason = reason
+        self.errno = errno_
 
 
 # ---------------------------------------------------------------------------------- sockets
 
 def _prepare_unix(addr: Address) -> None:
-    """Remove a stale socket file left by an earlier agent; refuse to replace anything else."""
+    """Make way for a unix socket at ``addr``: a stale socket file (left by an earlier agent:
+    nobody listens, a connect is refused) is removed; a live one (a connect succeeds) is refused,
+    the address is in use; so is a file that is not a socket."""
     if addr.scheme != "unix" or addr.abstract:
         return
     try:
@@ -50,8 +58,29 @@ def _prepare_unix(addr: Address) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(f"{addr}: exists and is not a socket")
+        raise OSError(errno.EEXIST, "exists and is not a socket")
+    if _answers(addr.host):
+        raise OSError(errno.EADDRINUSE, "address in use (a listener answers on it)")
     os.unlink(addr.host)
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the unix socket ``path`` (the probe connection is closed at
+    once)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):  # stale, or gone meanwhile
+        return False
+    except BlockingIOError:  # its backlog is full: alive
+        return True
+    except OSError as exc:
+        if exc.errno == errno.EPROTOTYPE:  # bound by a live socket of another type
+            return True
+        raise
+    finally:
+        probe.close()
+    return True
 
 
 def listen_socket(addr: Address, backlog: int = 128) -> socket.socket:
@@ -72,7 +101,7 @@ def listen_socket(addr: Address, backlog: int = 128) -> socket.socket:
                 sock.close()
                 raise
     except OSError as exc:
-        raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+        raise ListenError(addr, exc.strerror or str(exc), exc.errno or 0) from None
     sock.setblocking(False)
     return sock
 
@@ -230,7 +259,7 @@ class Front:
             try:
                 self.serve_serial(addr.host)
             except OSError as exc:
-                raise ListenError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
+                raise ListenError(addr, exc.strerror or str(exc), exc.errno or 0) from None
             return addr
         sock = listen_socket(addr)
         try:

@@ -86,6 +86,19 @@ def test_a_port_in_use_is_an_error_naming_it(port, tmp_path):
         other.listen()
 
 
+def test_a_stale_socket_file_is_replaced(port):
+    """A socket file left by an earlier agent (nobody listens on it) used to make the bind fail."""
+    handler, logger, path = port
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    handler.listen()
+    logger.info("after the stale one")
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(path)
+        assert [e["msg"] for e in _read_lines(conn, 1)] == ["after the stale one"]
+
+
 def test_a_serial_address_is_refused():
     with pytest.raises(OSError, match="log port serial:///dev/virtio-ports/x: a log port listens on vsock"):
         LogPort(parse_address("serial:///dev/virtio-ports/x")).listen()
