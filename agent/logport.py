@@ -7,7 +7,10 @@ levels. Console logging (stderr) is unchanged.
 
 Logging never waits for the host: lines wait in a bounded buffer (oldest dropped first, the drop
 counted in a line of its own) until a connection takes them; one connection is served at a time,
-and a new one is accepted when it ends (lines a dead connection did not take go to the next). A forked child (the container spawner) drops the handler.
+and a new one is accepted when it ends (lines a dead connection did not take go to the next). The
+connection is watched for the host's hang-up, so lines logged after it left are kept for the next
+host rather than sent to a dead connection. A forked child (the container spawner) drops the
+handler.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class LogPort(logging.Handler):
         self._closed = False
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self.connected = False  # a host's connection is being served
 
     # --- logging side: never blocks on the connection ---
     def emit(self, record: logging.LogRecord) -> None:
@@ -88,15 +92,44 @@ class LogPort(logging.Handler):
                 time.sleep(0.1)  # e.g. EMFILE: do not spin
                 continue
             with conn:
-                self._pump(conn)
+                hung_up = threading.Event()
+                watcher = threading.Thread(target=self._watch, args=(conn, hung_up),
+                                           name="log-port-watch", daemon=True)
+                with self._cond:
+                    self.connected = True
+                watcher.start()
+                try:
+                    self._pump(conn, hung_up)
+                finally:
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)  # ends the watcher's recv
+                    except OSError:
+                        pass
+                    watcher.join()
+                    with self._cond:
+                        self.connected = False
+                        self._cond.notify_all()
 
-    def _pump(self, conn: socket.socket) -> None:
+    def _watch(self, conn: socket.socket, hung_up: threading.Event) -> None:
+        """Wait for the host's hang-up (EOF or an error; what it sends is discarded) and wake the
+        pump, so that lines logged after the host left wait for the next one instead of going to
+        a dead connection (over TCP the first send after a hang-up is accepted, then lost)."""
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+        with self._cond:
+            hung_up.set()
+            self._cond.notify_all()
+
+    def _pump(self, conn: socket.socket, hung_up: threading.Event) -> None:
         while True:
             with self._cond:
-                while not self._lines and not self._closed:
+                while not self._lines and not self._closed and not hung_up.is_set():
                     self._cond.wait()
-                if self._closed and not self._lines:
-                    return
+                if hung_up.is_set() or (self._closed and not self._lines):
+                    return  # what is buffered waits for the next host
                 batch, dropped = list(self._lines), self._dropped
                 self._lines.clear()
                 self._size = self._dropped = 0

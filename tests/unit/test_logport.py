@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 
 import pytest
 
@@ -84,6 +85,39 @@ def test_a_port_in_use_is_an_error_naming_it(port, tmp_path):
     other = LogPort(parse_address(f"unix://{path}"))
     with pytest.raises(OSError, match=f"log port unix://{path}"):
         other.listen()
+
+
+def _until(predicate, what: str) -> None:
+    """Wait for a state of the port's thread (bounded only so that a failure cannot hang)."""
+    for _ in range(3000):
+        if predicate():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"never: {what}")
+
+
+def test_lines_logged_after_the_host_hung_up_wait_for_the_next_host():
+    """Over TCP the first send after the host left is accepted and lost: the port watches the
+    connection for the hang-up, so it never sends those lines there (it noticed the hang-up only
+    at its next send, and nothing was kept of that batch)."""
+    handler = LogPort(parse_address("tcp://127.0.0.1:0"), limit=4096)
+    logger = logging.getLogger(f"test-logport-{id(handler)}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        handler.listen()
+        addr = handler._listener.getsockname()
+        with socket.create_connection(addr) as first:
+            logger.warning("to the first host")
+            assert [e["msg"] for e in _read_lines(first, 1)] == ["to the first host"]
+        _until(lambda: not handler.connected, "the first host's hang-up was seen")
+        logger.warning("after it left")
+        logger.warning("still nobody")
+        with socket.create_connection(addr) as second:
+            assert [e["msg"] for e in _read_lines(second, 2)] == ["after it left", "still nobody"]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def test_a_stale_socket_file_is_replaced(port):
