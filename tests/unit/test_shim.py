@@ -4,6 +4,7 @@ service's answers to requests it must refuse (nothing started, nothing changed).
 from __future__ import annotations
 
 import asyncio
+import json
 import importlib
 import pathlib
 import subprocess
@@ -171,3 +172,22 @@ def test_guest_config_refuses_host_paths(service):
                                                    "type": "bind", "options": ["rbind"]}]})
     with pytest.raises(ValueError, match="namespace"):
         service._guest_config({**base, "linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}})
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"mounts": [{"destination": "/etc/hosts", "source": "/etc/hosts", "type": "bind"}]}, "bind mounts"),
+    ({"linux": {"namespaces": [{"type": "network", "path": "/proc/1/ns/net"}]}}, "namespace"),
+    ({"process": {"args": ["true"], "user": {"uid": "root"}}}, "config.json"),
+    ({"mounts": ["not an object"]}, "config.json"),
+], ids=["bind-mount", "host-namespace", "bad-field", "malformed"])
+def test_a_config_the_guest_cannot_run_is_refused_before_the_vm_boots(service, tmp_path, monkeypatch,
+                                                                        config, says):
+    """config.json is converted and checked before the VM starts (it was after the boot: a VM
+    booted, and was torn down, for nothing)."""
+    booted = []
+    monkeypatch.setattr(service.sandbox, "start", lambda *a: booted.append(a))
+    (tmp_path / "config.json").write_text(json.dumps({"process": {"args": ["true"]}, **config}))
+    with pytest.raises(ttrpc.Status) as e:
+        _call(service, "Create", pb.CreateTaskRequest(id="t1", bundle=str(tmp_path)))
+    assert _status(e) == Code.INVALID_ARGUMENT and says in e.value.message, e.value.message
+    assert booted == [] and service.init is None

@@ -141,6 +141,7 @@ class TaskService:
             if req.checkpoint or req.parent_checkpoint:
                 raise error(Code.UNIMPLEMENTED, "restoring from a checkpoint is not supported")
             config = self._read_config(Path(req.bundle))
+            spec = self._guest_spec(config, Path(req.bundle))  # a bad config costs no VM boot
             self.mark("create")
             proc = Process("", req.stdin, req.stdout, req.stderr, req.terminal)
             try:
@@ -163,7 +164,6 @@ class TaskService:
                                                 mount_point="/run/kata-containers/shared/containers")]),
                     timeout=60)
                 self.mark("sandbox created")
-                spec = spec_from_config(self._guest_config(config))
                 await self.call("CreateContainer", agent_pb2.CreateContainerRequest(
                     container_id=self.id, exec_id=self.id, OCI=spec), timeout=60)
                 self.mark("container created")
@@ -194,6 +194,14 @@ class TaskService:
         if not isinstance(config, dict) or not isinstance(config.get("process"), dict):
             raise error(Code.INVALID_ARGUMENT, f"{bundle}/config.json: no process to run")
         return config
+
+    def _guest_spec(self, config: dict, bundle: Path):
+        """The OCI spec CreateContainer sends, from config.json as the guest runs it; a config
+        that cannot run there is INVALID_ARGUMENT, before any VM is started."""
+        try:
+            return spec_from_config(self._guest_config(config))
+        except (ValueError, TypeError, AttributeError) as exc:  # SpecError is a ValueError
+            raise error(Code.INVALID_ARGUMENT, f"{bundle}/config.json: {exc}")
 
     def _guest_config(self, config: dict) -> dict:
         """containerd's spec as the guest runs it: the rootfs where virtio-fs puts it; host paths
