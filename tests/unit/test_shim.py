@@ -191,3 +191,31 @@ def test_a_config_the_guest_cannot_run_is_refused_before_the_vm_boots(service, t
         _call(service, "Create", pb.CreateTaskRequest(id="t1", bundle=str(tmp_path)))
     assert _status(e) == Code.INVALID_ARGUMENT and says in e.value.message, e.value.message
     assert booted == [] and service.init is None
+
+
+class _Guest:
+    """Stands for qemu.vm.Guest: ``stop`` ends QEMU and virtiofsd through their handles, or fails."""
+
+    def __init__(self, fails: bool = False) -> None:
+        self.fails = fails
+        self.proc_running = True
+        self.virtiofsd_proc = object()
+
+    def stop(self) -> None:
+        if self.fails:
+            raise OSError("QMP socket gone")
+        self.proc_running, self.virtiofsd_proc = False, None
+
+    def running(self) -> bool:
+        return self.proc_running
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["stopped", "stop-failed"])
+def test_delete_scans_proc_only_when_the_vm_was_not_stopped_through_its_handles(tmp_path, monkeypatch, fails):
+    scans = []
+    monkeypatch.setattr(sandbox, "processes_naming", lambda d: scans.append(d) or [])
+    box = sandbox.Sandbox("t1", tmp_path / "run", guest=_Guest(fails))
+    (box.run_dir / "vm").mkdir(parents=True)
+    assert box.stop() == []
+    assert scans == ([box.run_dir] if fails else [])  # it scanned every /proc entry at each Delete
+    assert not box.run_dir.exists()

@@ -136,13 +136,15 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def cleanup(directory: Path) -> list[str]:
-    """Remove what a shim left under ``directory``: processes, mounts, files. Returns what could not
-    be removed (empty when all went)."""
+def cleanup(directory: Path, processes: bool = True) -> list[str]:
+    """Remove what a shim left under ``directory``: processes (found by a scan of /proc; skipped
+    with ``processes=False``, when the caller stopped them itself), mounts, files. Returns what
+    could not be removed (empty when all went)."""
     problems = []
     if not directory.exists():
         return problems
-    kill_processes(directory)
+    if processes:
+        kill_processes(directory)
     for point in mounts_under(directory):
         _umount(point)
     left = mounts_under(directory)
@@ -250,9 +252,14 @@ class Sandbox:
         return (self.guest.pid if self.guest is not None else None) or 0
 
     def stop(self) -> list[str]:
+        """Stop the VM and remove everything under the run directory. Processes are looked for
+        in /proc only when the VM was not stopped through its own handles (QEMU's and
+        virtiofsd's): a failed stop, or no VM object at all."""
+        stopped = False
         if self.guest is not None:
             try:
                 self.guest.stop()
+                stopped = not self.guest.running() and self.guest.virtiofsd_proc is None
             except Exception as exc:  # noqa: BLE001 - the clean-up below still runs
                 log.warning("stopping the VM: %s", exc)
-        return cleanup(self.run_dir)
+        return cleanup(self.run_dir, processes=not stopped)
