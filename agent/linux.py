@@ -385,6 +385,14 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
         return parse_mountinfo(f.read())
 
 
+def mounts_under(prefix: str | os.PathLike, path: str = "/proc/self/mountinfo") -> list[str]:
+    """Mount points at or below ``prefix`` (whole components), deepest (latest) first."""
+    prefix = os.fspath(prefix).rstrip("/")
+    found = [m.mount_point for m in mountinfo(path)
+             if m.mount_point == prefix or m.mount_point.startswith(prefix + "/")]
+    return list(reversed(found))
+
+
 # --- the kernel command line ------------------------------------------------------------------
 
 _BLANK = " \t\n\v\f\r"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from agent import linux
 from agent.linux import MNT_DETACH, MS_BIND, MS_PROPAGATION, MS_RDONLY, MS_REC, MS_REMOUNT  # noqa: F401
-from agent.linux import mountinfo
+from agent.linux import mountinfo, mounts_under  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,3 @@ def mount_bind(source: str, target: str, opts: MountOptions = MountOptions(), re
     except OSError:
         umount(target, MNT_DETACH)
         raise
-
-
-def mounts_under(prefix: str) -> list[str]:
-    """Mount points at or below ``prefix``, deepest (latest) first."""
-    prefix = prefix.rstrip("/")
-    found = [m.mount_point for m in mountinfo()
-             if m.mount_point == prefix or m.mount_point.startswith(prefix + "/")]
-    return list(reversed(found))
-

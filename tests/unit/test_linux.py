@@ -35,6 +35,16 @@ def test_mountinfo_unescapes_every_path_field_and_skips_malformed_lines():
     assert (second.mount_point, second.fstype, second.source, second.super_options) == ("/e", "proc", "none", "")
 
 
+def test_mounts_under_a_directory_whole_components_deepest_first(tmp_path):
+    """The one reader of "what is mounted below here", for the agent's storages and the shim."""
+    info = tmp_path / "mountinfo"
+    info.write_text("".join(f"{i} 1 0:{i} / {p} rw - tmpfs t rw\n" for i, p in enumerate(
+        ["/", "/run/k", "/run/k/a", "/run/kx", "/run/k/a/b", "/other", "/run/k/c"], start=2)))
+    assert linux.mounts_under("/run/k", str(info)) == ["/run/k/c", "/run/k/a/b", "/run/k/a", "/run/k"]
+    assert linux.mounts_under(tmp_path / "nothing", str(info)) == []
+    assert linux.mounts_under("/run/k/", str(info)) == linux.mounts_under("/run/k", str(info))
+
+
 def test_mountinfo_keeps_bytes_that_are_not_utf8_as_os_does():
     [m] = linux.parse_mountinfo(b"1 0 0:1 / /mnt/\xff\\040x rw - tmpfs t rw\n")
     assert os.fsencode(m.mount_point) == b"/mnt/\xff x"

@@ -101,7 +101,8 @@ class Containerd:
     def leftovers(self) -> list[str]:
         """What shims left behind: processes naming their directory, mounts, run directories,
         sockets."""
-        from kata_agent_client.shim.sandbox import mounts_under, processes_naming
+        from agent.linux import mounts_under
+        from kata_agent_client.shim.sandbox import processes_naming
 
         found = [f"process {p}" for p in processes_naming(self.shim_dir)]
         found += [f"mount {m}" for m in mounts_under(self.shim_dir)]
@@ -126,7 +127,7 @@ class Containerd:
             for d in self.shim_dir.iterdir():
                 cleanup(d)
         # containerd's own snapshot mounts, if it left any
-        from kata_agent_client.shim.sandbox import mounts_under
+        from agent.linux import mounts_under
 
         for m in mounts_under(self.dir):
             subprocess.run(["umount", "-l", m], check=False)

@@ -85,14 +85,6 @@ def _umount(path: str) -> None:
         log.warning("umount %s: %s", path, exc)
 
 
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or under ``directory``, deepest (latest) first."""
-    prefix = str(directory).rstrip("/") + "/"
-    points = [e.mount_point for e in linux.mountinfo()
-              if e.mount_point == str(directory) or e.mount_point.startswith(prefix)]
-    return list(reversed(points))
-
-
 # ------------------------------------------------------------------------------------ processes
 
 def processes_naming(directory: Path) -> list[int]:
@@ -145,9 +137,9 @@ def cleanup(directory: Path, processes: bool = True) -> list[str]:
         return problems
     if processes:
         kill_processes(directory)
-    for point in mounts_under(directory):
+    for point in linux.mounts_under(directory):
         _umount(point)
-    left = mounts_under(directory)
+    left = linux.mounts_under(directory)
     if left:  # never remove files through a mount still there: they are the container's
         problems.append(f"still mounted: {', '.join(left)}")
         return problems
