@@ -71,6 +71,9 @@ def check(req: agent_pb2.CreateContainerRequest, sandbox: Sandbox) -> list[Check
         devices.check_device(d, f"devices[{i}]")
     storages = sandbox.storages.check(req.storages, "storages")
     sandbox.check_pidns(req.sandbox_pidns)
+    if req.sandbox_pidns and any(ns.Type == "user" for ns in req.OCI.Linux.Namespaces):
+        raise InvalidArgument("sandbox_pidns: a container with a user namespace cannot mount the /proc "
+                              "of the sandbox's PID namespace, which the initial user namespace owns")
     if os.path.lexists(os.path.join(sandbox.kata_root, req.container_id, "config.json")):
         raise AlreadyExists(f"container_id: {req.container_id!r} has a bundle already")
     return storages

@@ -128,6 +128,18 @@ class ContainerConfig:
     root_propagation: int = linux.MS_PRIVATE | linux.MS_REC
     cgroups_path: str = ""
     seccomp: SeccompConfig | None = None
+    # (container id, host id, size) of a new user namespace; empty without one (or when one is
+    # joined by path: then the container's ids are that namespace's own)
+    uid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
+    gid_mappings: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def host_ids(self, uid: int = 0, gid: int = 0) -> tuple[int, int] | None:
+        """The host's ids for container ids ``uid``/``gid`` in a new user namespace (None without
+        one, or when one of them is not mapped)."""
+        if not self.uid_mappings:
+            return None
+        host_uid, host_gid = map_id(self.uid_mappings, uid), map_id(self.gid_mappings, gid)
+        return None if host_uid is None or host_gid is None else (host_uid, host_gid)
 
     def new_namespace(self, flag: int) -> bool:
         return any(f == flag and not path for f, path in self.namespaces)
@@ -169,12 +181,10 @@ def _validate_mount(m: oci_pb2.Mount, where: str) -> None:
 
 def _validate_linux(lx: oci_pb2.Linux) -> None:
     known_once([ns.Type for ns in lx.Namespaces], NAMESPACES, "OCI.Linux.Namespaces", "namespace type")
-    types = {ns.Type for ns in lx.Namespaces}
     for i, ns in enumerate(lx.Namespaces):
         if ns.Path:
             require_abs(ns.Path, f"OCI.Linux.Namespaces[{i}].Path")
-    if "user" in types or lx.UIDMappings or lx.GIDMappings:
-        raise InvalidArgument("OCI.Linux.Namespaces: user namespaces (UIDMappings/GIDMappings) are not supported")
+    _validate_user_ns(lx)
     if lx.RootfsPropagation and lx.RootfsPropagation not in linux.MOUNT_PROPAGATION:
         raise InvalidArgument(f"OCI.Linux.RootfsPropagation: unknown propagation {lx.RootfsPropagation!r}")
     for i, dev in enumerate(lx.Devices):
@@ -191,6 +201,70 @@ def _validate_linux(lx: oci_pb2.Linux) -> None:
             raise InvalidArgument(f"OCI.Linux.Sysctl[{key!r}]: not a sysctl name")
     if has_seccomp(lx):
         _validate_seccomp(lx.Seccomp)
+
+
+# The kernel takes at most 340 extents per map (Linux 4.15; 5 before), written at once in less
+# than a page (user_namespaces(7)).
+MAX_EXTENTS = 340
+MAP_TEXT_MAX = 4095
+ID_LIMIT = 1 << 32
+
+
+def _validate_user_ns(lx: oci_pb2.Linux) -> None:
+    """runc's rules: mappings need a user namespace; a new one needs both maps and the container's
+    root (0) mapped in each (runc: "no root user mapping found"); one joined by path may come with
+    mappings, which must then be that namespace's own (checked when it is joined)."""
+    userns = next((ns for ns in lx.Namespaces if ns.Type == "user"), None)
+    if userns is None:
+        for name in ("UIDMappings", "GIDMappings"):
+            if getattr(lx, name):
+                raise InvalidArgument(f"OCI.Linux.{name}: set, but the container has no user namespace "
+                                      "(OCI.Linux.Namespaces has no 'user')")
+        return
+    for name in ("UIDMappings", "GIDMappings"):
+        maps = getattr(lx, name)
+        if userns.Path and not maps:
+            continue
+        where = f"OCI.Linux.{name}"
+        if not maps:
+            raise InvalidArgument(f"{where}: empty, but the container has a new user namespace")
+        check_id_mappings([(m.ContainerID, m.HostID, m.Size) for m in maps], where)
+
+
+def check_id_mappings(maps: list[tuple[int, int, int]], where: str) -> None:
+    """What the kernel would refuse in a uid_map/gid_map write, named before anything is done; and
+    the container's root must be mapped (it sets the container up)."""
+    if len(maps) > MAX_EXTENTS:
+        raise InvalidArgument(f"{where}: {len(maps)} extents, the kernel takes at most {MAX_EXTENTS}")
+    if len(map_text(maps)) > MAP_TEXT_MAX:
+        raise InvalidArgument(f"{where}: the map is longer than the kernel takes in one write "
+                              f"({MAP_TEXT_MAX} bytes)")
+    for i, (inside, outside, size) in enumerate(maps):
+        if size == 0:
+            raise InvalidArgument(f"{where}[{i}].Size: 0")
+        for field_name, start in (("ContainerID", inside), ("HostID", outside)):
+            if start + size > ID_LIMIT:
+                raise InvalidArgument(f"{where}[{i}].{field_name}: {start} + size {size} is past 2^32")
+    for side, field_name in ((0, "ContainerID"), (1, "HostID")):
+        ranges = sorted((m[side], m[side] + m[2], i) for i, m in enumerate(maps))
+        for (_, end, _), (start, _, j) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise InvalidArgument(f"{where}[{j}].{field_name}: overlaps another extent's range")
+    if map_id(maps, 0) is None:
+        raise InvalidArgument(f"{where}: the container's root (id 0) is not mapped")
+
+
+def map_text(maps: list[tuple[int, int, int]]) -> str:
+    """A map as /proc/<pid>/uid_map takes it."""
+    return "".join(f"{inside} {outside} {size}\n" for inside, outside, size in maps)
+
+
+def map_id(maps: list[tuple[int, int, int]], inside: int) -> int | None:
+    """The host id of container id ``inside``, or None when it is not mapped."""
+    for start, outside, size in maps:
+        if start <= inside < start + size:
+            return outside + inside - start
+    return None
 
 
 def has_seccomp(lx: oci_pb2.Linux) -> bool:
@@ -343,12 +417,29 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Cre
                                                      linux.MS_PRIVATE | linux.MS_REC),
         cgroups_path=lx.CgroupsPath,
         seccomp=convert_seccomp(lx.Seccomp) if has_seccomp(lx) else None,
+        uid_mappings=[(m.ContainerID, m.HostID, m.Size) for m in lx.UIDMappings],
+        gid_mappings=[(m.ContainerID, m.HostID, m.Size) for m in lx.GIDMappings],
     )
+    if any(ns.Type == "user" and not ns.Path for ns in lx.Namespaces):
+        _devpts_gid(container)
     resources = None
     if lx.HasField("Resources"):
         resources = oci_pb2.LinuxResources()
         resources.CopyFrom(lx.Resources)
     return CreateConfig(container, resources, hooks, spec.Version, dict(spec.Annotations))
+
+
+def _devpts_gid(cfg: ContainerConfig) -> None:
+    """In a new user namespace, a devpts ``gid=`` that the gid map leaves out is dropped (the
+    kernel refuses the mount with EINVAL; runc fails there, `runc spec --rootless` removes it):
+    the terminals then get the group of the container's root."""
+    for m in cfg.mounts:
+        if m.type != "devpts":
+            continue
+        words = m.data.split(",")
+        kept = [w for w in words if not (w.startswith("gid=") and w[4:].isdigit()
+                                         and map_id(cfg.gid_mappings, int(w[4:])) is None)]
+        m.data = ",".join(kept)
 
 
 def convert_seccomp(sc: oci_pb2.LinuxSeccomp) -> SeccompConfig:

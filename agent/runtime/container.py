@@ -18,10 +18,10 @@ from agent.hooks import Hooks
 from agent.runtime import cgroups as cgroups_mod
 from agent.runtime import protocol, seccomp
 from agent.runtime import spawner as spawner_mod
-from agent.runtime.protocol import Cgroup, CreateRequest, ExecRequest, Failed, Ready, Start
+from agent.runtime.protocol import Cgroup, CreateRequest, ExecRequest, Failed, Mapped, Ready, Start, UserNs
 from agent.runtime.reaper import REAPER, exit_code
 from agent.stdio import Stdio
-from agent.undo import UndoStack
+from agent.undo import UndoStack, fault_point
 
 if TYPE_CHECKING:  # agent.oci is imported by the first CreateContainer or ExecProcess (agent.rpc.containers)
     from agent.oci import ContainerConfig, CreateConfig, ProcessConfig
@@ -179,6 +179,7 @@ class Runtime:
         async with UndoStack() as undo:
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size, self.pipe_size)
             undo.push("close stdio", stdio.close)
+            _give_stdio(child_fds, cfg)
             # The cgroup is made while the spawner's child joins and unshares namespaces (and,
             # as the init, starts on the rootfs); it waits for the cgroup's directories (or EOF)
             # before it forks the init, or before its first step that needs the cgroup.
@@ -192,6 +193,8 @@ class Runtime:
             cg = self._create_cgroup(cfg, create_cfg.resources, undo)
             # (if the child failed, and exited, before it took the cgroup, its report follows)
             protocol.send(sync, _cgroup_dirs(cg))
+            if cfg.new_namespace(linux.CLONE_NEWUSER):
+                await _map_ids(sync, cfg)
             pid = await self._pid(sync, "create")
             init = Process(cfg.id, pid, stdio, REAPER.wait(pid))
             undo.push("kill the init", lambda: self._kill_and_reap(init))
@@ -219,8 +222,8 @@ class Runtime:
         write, which waits for an RCU grace period (about 6 ms here) unless cgroup2 is mounted
         with favordynmods (as the guest's init does); the long way forks the init into its v2
         cgroup instead."""
-        if not cfg.new_namespace(linux.CLONE_NEWPID):
-            return False
+        if not cfg.new_namespace(linux.CLONE_NEWPID) or any(f == linux.CLONE_NEWUSER for f, _ in cfg.namespaces):
+            return False  # a PID namespace made before the user namespace would not be its
         layout = self.cgroups.layout
         return layout.v2 is None or layout.v2_dynmods
 
@@ -228,6 +231,7 @@ class Runtime:
         path = cfg.cgroups_path or f"{DEFAULT_CGROUP_PARENT}/{cfg.id}"
         cg = self.cgroups.create(path, resources, owner=cfg.id)
         undo.push("remove the cgroup", cg.destroy)
+        _delegate_cgroup(cg, cfg)
         return cg
 
     @staticmethod
@@ -287,6 +291,7 @@ class Runtime:
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size, self.pipe_size)
+        _give_stdio(child_fds, c.config)
         req = ExecRequest(c.init_pid, proc_cfg, _cgroup_dirs(c.cgroup), c.config.seccomp)
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
@@ -421,6 +426,66 @@ def _cgroup_dirs(cg: Any) -> Cgroup:
         else:
             v1.append(directory)
     return Cgroup(v2, v1)
+
+
+# --- user namespaces ----------------------------------------------------------------------------
+
+async def _map_ids(sync: socket.socket, cfg: ContainerConfig) -> None:
+    """Write the uid_map and gid_map of the child that unshared the container's user namespace
+    (protocol.UserNs), as runc's parent does, and tell it (protocol.Mapped)."""
+    from agent.oci import map_text
+
+    msg = await spawner_mod.receive(sync)
+    if isinstance(msg, Failed):
+        raise _classify("create", msg.error)
+    if not isinstance(msg, UserNs):
+        raise Internal(f"spawner protocol: expected UserNs, got {msg!r}")
+    for name, field_name, maps in (("uid_map", "UIDMappings", cfg.uid_mappings),
+                                   ("gid_map", "GIDMappings", cfg.gid_mappings)):
+        try:
+            with open(f"/proc/{msg.pid}/{name}", "w") as f:
+                f.write(map_text(maps))
+        except OSError as exc:
+            raise InvalidArgument(f"OCI.Linux.{field_name}: the kernel refused the map: {exc.strerror}") from None
+    fault_point("userns_maps")
+    protocol.send(sync, Mapped())
+
+
+def _give_stdio(child_fds: list[int], cfg: ContainerConfig) -> None:
+    """As runc: the stdio pipes (or the pty) belong to the container's mapped root, which can then
+    reopen them (/dev/stdout, /proc/self/fd/1); without a user namespace they stay root's."""
+    ids = cfg.host_ids()
+    if ids is not None:
+        for fd in set(child_fds):
+            os.fchown(fd, *ids)
+
+
+def _delegate_cgroup(cg: Any, cfg: ContainerConfig) -> None:
+    """runc's rule (its systemd cgroup v2 driver): a container with a user namespace, its own
+    cgroup namespace and a writable cgroup2 mount at /sys/fs/cgroup gets its v2 cgroup delegated:
+    the directory and the files the kernel lists in /sys/kernel/cgroup/delegate are chowned to
+    the host uid of the process's user. Nothing on cgroup v1."""
+    v2 = cg.manager.layout.v2
+    if v2 is None or not cfg.uid_mappings or not cfg.new_namespace(linux.CLONE_NEWCGROUP):
+        return
+    if not any(m.type == "cgroup" and m.destination == "/sys/fs/cgroup" and not m.flags & linux.MS_RDONLY
+               for m in cfg.mounts):
+        return
+    ids = cfg.host_ids(cfg.process.uid)
+    if ids is None:
+        return
+    directory = os.path.join(v2, cg.path)
+    try:
+        with open("/sys/kernel/cgroup/delegate") as f:
+            names = f.read().split()
+    except OSError:
+        names = ["cgroup.procs", "cgroup.subtree_control", "cgroup.threads"]
+    os.chown(directory, ids[0], -1)
+    for name in names:
+        try:
+            os.chown(os.path.join(directory, name), ids[0], -1)
+        except FileNotFoundError:
+            pass
 
 
 def _classify(what: str, message: str) -> Exception:

@@ -7,6 +7,9 @@ one step, in this order:
 
     CreateRequest   child -> Pid      the container init's pid, as the agent sees it
                     agent -> Cgroup   the cgroup the agent made meanwhile (EOF: it gave up)
+      (a new user namespace only:)
+                    child -> UserNs   it unshared the user namespace (its pid, as the agent sees it)
+                    agent -> Mapped   the agent wrote that process's uid_map and gid_map
                     child -> Ready    the init waits in its namespaces and rootfs
                     agent -> Start    exec the container's process
                     child -> EOF      exec succeeded (the sync fd is close-on-exec)
@@ -101,6 +104,14 @@ class Start(NamedTuple):
     pass
 
 
+class UserNs(NamedTuple):
+    pid: int
+
+
+class Mapped(NamedTuple):
+    pass
+
+
 class Failed(NamedTuple):
     error: str
 
@@ -109,9 +120,9 @@ class Reply(NamedTuple):
     data: dict[str, Any]
 
 
-Step = Pid | Cgroup | Ready | Start | Failed | Reply
-_STEPS: dict[str, type] = {"pid": Pid, "cgroup": Cgroup, "ready": Ready, "start": Start,
-                           "failed": Failed, "reply": Reply}
+Step = Pid | Cgroup | UserNs | Mapped | Ready | Start | Failed | Reply
+_STEPS: dict[str, type] = {"pid": Pid, "cgroup": Cgroup, "userns": UserNs, "mapped": Mapped, "ready": Ready,
+                           "start": Start, "failed": Failed, "reply": Reply}
 _NAMES = {cls: name for name, cls in _STEPS.items()}
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from kata_agent_client.spec import default_config
 from tests.integration.test_containers import run
+from tests.integration.test_userns import MAPS, mapped_dir, mapped_rootfs  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("runc") is None, reason="runc not installed")]
@@ -60,8 +61,16 @@ def runc_view(tmp_path, cfg) -> str:
     return done.stdout
 
 
-def compare(agent, tmp_path, rootfs, container_id, adjust=None):
-    cfg = default_config(["sh", "-c", VIEW], rootfs=str(rootfs))
+USERNS_VIEW = r"""
+echo "== uid_map"; cat /proc/self/uid_map
+echo "== gid_map"; cat /proc/self/gid_map
+echo "== owners"; ls -ln / /dev /dev/pts /dev/shm /dev/mqueue | awk '{ print $1, $3, $4, $9 }'
+echo "== stdout"; echo reopened > /dev/stdout
+"""
+
+
+def compare(agent, tmp_path, rootfs, container_id, adjust=None, extra=""):
+    cfg = default_config(["sh", "-c", VIEW + extra], rootfs=str(rootfs))
     cfg["root"]["readonly"] = True
     if adjust:
         adjust(cfg)
@@ -71,7 +80,7 @@ def compare(agent, tmp_path, rootfs, container_id, adjust=None):
     ours_s = sections(ours)
     assert ours_s.keys() == theirs.keys()
     for key in theirs:
-        assert ours_s[key] == theirs[key], f"section {key} differs"
+        assert ours_s[key] == theirs[key], f"section {key} differs:\n--- agent\n{ours_s[key]}\n--- runc\n{theirs[key]}"
 
 
 def test_default_config_matches_runc(agent, busybox_rootfs, container_id, tmp_path):
@@ -98,3 +107,14 @@ def test_seccomp_and_no_new_privs_match_runc(agent, busybox_rootfs, container_id
                                    "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}
 
     compare(agent, tmp_path, busybox_rootfs, container_id, adjust)
+
+
+def test_user_namespace_matches_runc(agent, mapped_rootfs, container_id, tmp_path):
+    """Container 0 -> host 100000 (65536 ids) on a root owned by that range: the maps, ids, mounts
+    (devices bound from the host, sysfs of the container's own network namespace) and the owners
+    of /dev's entries as runc gives them."""
+    def adjust(cfg):
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        cfg["linux"].update({k: [dict(m) for m in v] for k, v in MAPS.items()})
+
+    compare(agent, tmp_path, mapped_rootfs, container_id, adjust, extra=USERNS_VIEW)

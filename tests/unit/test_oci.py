@@ -45,7 +45,7 @@ def test_default_spec_is_valid_and_converts():
     ({"process.rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1, "soft": 2}]}, "OCI.Process.Rlimits[0]"),
     ({"process.capabilities": {"bounding": ["CAP_FLY"]}}, "OCI.Process.Capabilities.Bounding[0]"),
     ({"linux.namespaces": [{"type": "pid"}, {"type": "bogus"}]}, "OCI.Linux.Namespaces[1].Type"),
-    ({"linux.namespaces": [{"type": "user"}, {"type": "uts"}]}, "user namespaces"),
+    ({"linux.namespaces": [{"type": "user"}, {"type": "uts"}]}, "OCI.Linux.UIDMappings: empty"),
     ({"linux.namespaces": [{"type": "pid"}, {"type": "mount"}]}, "OCI.Hostname"),
     ({"linux.rootfsPropagation": "sideways"}, "OCI.Linux.RootfsPropagation"),
     ({"linux.devices": [{"path": "/dev/x", "type": "q"}]}, "OCI.Linux.Devices[0].Type"),
@@ -172,3 +172,73 @@ def test_a_hot_plugged_device_takes_the_guest_numbers_in_the_config_and_its_cgro
         ("", 0, 0, "rwm"), ("b", 252, 16, "rw"), ("b", 252, 16, "rwm"), ("b", 252, 32, "rwm")]
     with pytest.raises(InvalidArgument, match=r"devices\[2\].container_path: no OCI.Linux.Devices entry"):
         devices.use_node(cfg, "/dev/vdz", devices.Node("/dev/vdz", 1, 1), "devices[2]")
+
+
+# --- user namespaces --------------------------------------------------------------------------
+
+def userns(uid_maps=None, gid_maps=None, path=""):
+    one = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    ns = {"type": "user", "path": path} if path else {"type": "user"}
+    return spec(**{"linux.namespaces": default_config()["linux"]["namespaces"] + [ns],
+                   "linux.uidMappings": one if uid_maps is None else uid_maps,
+                   "linux.gidMappings": one if gid_maps is None else gid_maps})
+
+
+def test_a_new_user_namespace_converts_with_its_maps():
+    cfg = oci.convert(userns(), "c").container
+    assert cfg.uid_mappings == cfg.gid_mappings == [(0, 100000, 65536)]
+    assert cfg.new_namespace(linux.CLONE_NEWUSER)
+    assert cfg.host_ids() == (100000, 100000) and cfg.host_ids(1000, 5) == (101000, 100005)
+    assert cfg.host_ids(70000) is None
+
+
+@pytest.mark.parametrize("uid_maps, message", [
+    ([], "OCI.Linux.UIDMappings: empty, but the container has a new user namespace"),
+    ([{"containerID": 0, "hostID": 1, "size": 0}], "OCI.Linux.UIDMappings[0].Size: 0"),
+    ([{"containerID": 1, "hostID": 100000, "size": 10}], "the container's root (id 0) is not mapped"),
+    ([{"containerID": 0, "hostID": 4294967295, "size": 2}], "OCI.Linux.UIDMappings[0].HostID: 4294967295 + size 2 is past 2^32"),
+    ([{"containerID": 4294967290, "hostID": 0, "size": 7}, {"containerID": 0, "hostID": 10, "size": 1}],
+     "OCI.Linux.UIDMappings[0].ContainerID"),
+    ([{"containerID": 0, "hostID": 100000, "size": 10}, {"containerID": 5, "hostID": 200000, "size": 10}],
+     "OCI.Linux.UIDMappings[1].ContainerID: overlaps"),
+    ([{"containerID": 0, "hostID": 100000, "size": 10}, {"containerID": 50, "hostID": 100005, "size": 10}],
+     "OCI.Linux.UIDMappings[1].HostID: overlaps"),
+    ([{"containerID": i, "hostID": 100000 + i, "size": 1} for i in range(341)], "341 extents, the kernel takes at most 340"),
+    ([{"containerID": i * 10, "hostID": 4000000000 + i * 10, "size": 1} for i in range(300)],
+     "longer than the kernel takes in one write"),
+])
+def test_bad_uid_maps_are_named(uid_maps, message):
+    with pytest.raises(InvalidArgument) as e:
+        oci.convert(userns(uid_maps=uid_maps), "c")
+    assert message in e.value.message
+
+
+def test_gid_maps_are_checked_too():
+    with pytest.raises(InvalidArgument) as e:
+        oci.convert(userns(gid_maps=[]), "c")
+    assert e.value.message.startswith("OCI.Linux.GIDMappings: empty")
+
+
+def test_maps_without_a_user_namespace_are_refused():
+    with pytest.raises(InvalidArgument) as e:
+        oci.convert(spec(**{"linux.uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}), "c")
+    assert "OCI.Linux.UIDMappings: set, but the container has no user namespace" in e.value.message
+
+
+def test_a_user_namespace_by_path_needs_no_maps():
+    cfg = oci.convert(userns(uid_maps=[], gid_maps=[], path="/proc/1/ns/user"), "c").container
+    assert (linux.CLONE_NEWUSER, "/proc/1/ns/user") in cfg.namespaces and cfg.uid_mappings == []
+    assert cfg.host_ids() is None
+
+
+def test_devpts_gid_stays_only_when_mapped():
+    pts = lambda c: next(m for m in c.mounts if m.type == "devpts").data  # noqa: E731
+    assert "gid=5" in pts(oci.convert(userns(), "c").container)
+    small = [{"containerID": 0, "hostID": 100000, "size": 1}]
+    data = pts(oci.convert(userns(gid_maps=small), "c").container)
+    assert "gid=" not in data and "ptmxmode=0666" in data
+    assert "gid=5" in pts(oci.convert(spec(), "c").container)  # no user namespace: untouched
+
+
+def test_map_text_is_what_the_kernel_reads():
+    assert oci.map_text([(0, 100000, 65536), (65536, 1, 1)]) == "0 100000 65536\n65536 1 1\n"

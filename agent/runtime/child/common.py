@@ -71,14 +71,21 @@ class CgroupTarget:
     def __init__(self, v2_dir: int, v2_procs: str, v1_tasks: list[tuple[str, int]]) -> None:
         self.v2_dir, self.v2_procs, self.v1_tasks = v2_dir, v2_procs, v1_tasks
         self.forked_into_v2 = False
+        self.v2_procs_fd = -1  # opened in advance: written instead of clone3 (see open_cgroup)
 
 
-def open_cgroup(cgroup: Cgroup) -> CgroupTarget:
+def open_cgroup(cgroup: Cgroup, by_fd: bool = False) -> CgroupTarget:
+    """``by_fd``: the child joins through files opened now, for a process that is about to enter
+    a user namespace. A write checks the opener's credentials; clone3's CLONE_INTO_CGROUP and a
+    later open check the caller's, which are then the container root's."""
     v2 = cgroup.v2
     v2_dir = step(f"join cgroup {v2}", os.open, v2, os.O_RDONLY | os.O_DIRECTORY) if v2 else -1
     tasks = [(d, step(f"join cgroup {d}", os.open, os.path.join(d, "tasks"), os.O_WRONLY))
              for d in cgroup.v1]
-    return CgroupTarget(v2_dir, os.path.join(v2, "cgroup.procs") if v2 else "", tasks)
+    target = CgroupTarget(v2_dir, os.path.join(v2, "cgroup.procs") if v2 else "", tasks)
+    if by_fd and v2:
+        target.v2_procs_fd = step(f"join cgroup {v2}", os.open, target.v2_procs, os.O_WRONLY)
+    return target
 
 
 def enter_cgroup(target: CgroupTarget) -> None:
@@ -91,7 +98,10 @@ def enter_cgroup(target: CgroupTarget) -> None:
         step(f"join cgroup {d}", os.write, fd, b"0")
         os.close(fd)
     if target.v2_dir >= 0:
-        if not target.forked_into_v2:
+        if target.v2_procs_fd >= 0:
+            step(f"join cgroup {target.v2_procs}", os.write, target.v2_procs_fd, b"0")
+            os.close(target.v2_procs_fd)
+        elif not target.forked_into_v2:
             with open(target.v2_procs, "w") as f:
                 step(f"join cgroup {target.v2_procs}", f.write, "0")
         os.close(target.v2_dir)

@@ -108,7 +108,7 @@ def container_init(cfg: dict[str, Any], sync: socket.socket, stdio: list[int], r
     try:
         os.umask(0)
         proc = cfg["process"]
-        setup_stdio(stdio, proc["terminal"], sync, keep=reported)
+        setup_stdio(stdio, proc["terminal"], sync, keep=(reported, *(m["fd"] for m in cfg["mounts"] if "fd" in m)))
         rootfs.prepare(cfg, proc["terminal"], join)
         join()
         rootfs.pivot(cfg["rootfs"])

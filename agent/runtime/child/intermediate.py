@@ -14,6 +14,7 @@ from agent import linux
 from agent.runtime import protocol
 from agent.runtime.child.common import (CgroupTarget, SetupError, enter_cgroup, fail, join_paths,
                                         open_cgroup, receive_cgroup, step, unshare_flags)
+from agent.runtime.child import userns
 from agent.runtime.child.container_init import container_init
 from agent.runtime.child.process import exec_process
 from agent.runtime.protocol import CreateRequest, ExecRequest, Pid
@@ -31,12 +32,15 @@ def spawn_container(req: CreateRequest, sync: socket.socket, stdio: list[int]) -
     """
     cfg = req.config
     try:
-        join_paths(cfg["namespaces"])
-        step("unshare", linux.unshare, unshare_flags(cfg["namespaces"]))
-        # the agent creates the cgroup meanwhile, and sends it next
-        cgroup = req.cgroup if req.cgroup is not None else receive_cgroup(sync)
-        # Opened before the fork: the init's pivot_root changes this process's root too.
-        target = open_cgroup(cgroup)
+        if userns.listed(cfg["namespaces"]):
+            target = userns.enter_for_create(req, sync)
+        else:
+            join_paths(cfg["namespaces"])
+            step("unshare", linux.unshare, unshare_flags(cfg["namespaces"]))
+            # the agent creates the cgroup meanwhile, and sends it next
+            cgroup = req.cgroup if req.cgroup is not None else receive_cgroup(sync)
+            # Opened before the fork: the init's pivot_root changes this process's root too.
+            target = open_cgroup(cgroup)
         reported_r, reported_w = os.pipe()  # EOF: the agent has the init's pid
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
@@ -55,9 +59,14 @@ def spawn_exec(req: ExecRequest, sync: socket.socket, stdio: list[int]) -> NoRet
     try:
         root = step("open the container's root", os.open, f"/proc/{init}/root", os.O_DIRECTORY | os.O_RDONLY)
         ns_fds = _open_namespaces(init)
-        target = open_cgroup(req.cgroup)
-        for name, fd, flag in ns_fds:
-            step(f"setns {name}", linux.setns, fd, flag)
+        in_userns = any(flag == linux.CLONE_NEWUSER for _, _, flag in ns_fds)
+        target = open_cgroup(req.cgroup, by_fd=in_userns)
+        if in_userns:  # the container's own user namespace: joined last, as runc's exec
+            userns.privileged_first(req.process)
+            userns.join_all(ns_fds)
+        else:
+            for name, fd, flag in ns_fds:
+                step(f"setns {name}", linux.setns, fd, flag)
     except (OSError, SetupError) as exc:
         fail(sync, str(exc))
     pid = _fork_joined(sync, target)
@@ -102,7 +111,7 @@ def _fork_joined(sync: socket.socket, target: CgroupTarget) -> int:
 
 def _fork_into(target: CgroupTarget) -> int:
     """Fork; on cgroup v2 the child is born in its cgroup (clone3 CLONE_INTO_CGROUP)."""
-    if target.v2_dir >= 0:
+    if target.v2_dir >= 0 and target.v2_procs_fd < 0:
         try:
             pid = linux.fork_into_cgroup(target.v2_dir)
         except OSError as exc:

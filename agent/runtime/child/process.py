@@ -19,7 +19,7 @@ from agent.runtime import protocol, seccomp
 from agent.runtime.child.common import SetupError, fail, step
 from agent.runtime.protocol import Ready, Start
 
-def setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket, keep: int = -1) -> None:
+def setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket, keep: tuple[int, ...] = ()) -> None:
     if os.getsid(0) != os.getpid():  # a zygote that became the init made its session ahead
         os.setsid()
     if terminal:
@@ -28,7 +28,7 @@ def setup_stdio(stdio: list[int], terminal: bool, sync: socket.socket, keep: int
         if fd != target:
             os.dup2(fd, target)
     start = 3
-    for fd in sorted({sync.fileno(), keep} - {-1}):
+    for fd in sorted({sync.fileno(), *keep} - {-1}):
         os.closerange(start, fd)
         start = fd + 1
     os.closerange(start, 1 << 16)

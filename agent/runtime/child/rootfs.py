@@ -16,8 +16,9 @@ from agent import linux
 from agent.runtime.child.common import SetupError, new_ns, step
 from agent.runtime.paths import mkdir_all, secure_join
 
-DEFAULT_DEVICES = [("/dev/null", 1, 3), ("/dev/zero", 1, 5), ("/dev/full", 1, 7),
-                   ("/dev/random", 1, 8), ("/dev/urandom", 1, 9), ("/dev/tty", 5, 0)]
+# In runc's order (specconv.AllowedDevices): in a user namespace they are bind mounts, listed so.
+DEFAULT_DEVICES = [("/dev/null", 1, 3), ("/dev/random", 1, 8), ("/dev/full", 1, 7),
+                   ("/dev/tty", 5, 0), ("/dev/zero", 1, 5), ("/dev/urandom", 1, 9)]
 DEV_LINKS = [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"),
              ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr"),
              ("pts/ptmx", "/dev/ptmx")]
@@ -60,17 +61,34 @@ def _mount(rootfs: str, m: dict[str, Any], fresh: bool = False) -> str | None:
     if m["type"] == "cgroup":
         return _mount_cgroup(rootfs, m, fresh)
     flags = m["flags"]
-    if flags & linux.MS_BIND:
+    if "fd" in m:  # mounted already, detached (agent.runtime.child.userns)
+        dest = step(where, mkdir_all, rootfs, m["destination"])
+        step(where, linux.move_mount_fd, m["fd"], dest)
+        os.close(m["fd"])
+    elif flags & linux.MS_BIND:
         dest = _bind_target(rootfs, m)
         step(where, linux.mount, m["source"], dest, None, flags & (linux.MS_BIND | linux.MS_REC))
         if flags & ~(linux.MS_BIND | linux.MS_REC):
             step(where, linux.mount, None, dest, None, flags | linux.MS_REMOUNT)
     else:
         dest = step(where, mkdir_all, rootfs, m["destination"])
-        step(where, linux.mount, m["source"], dest, m["type"], flags, m["data"] or None)
+        try:
+            linux.mount(m["source"], dest, m["type"], flags, m["data"] or None)
+        except OSError as exc:
+            if not (m["type"] == "sysfs" and exc.errno == errno.EPERM):
+                raise SetupError(f"{where}: {exc.strerror}") from None
+            _bind_sys(dest, flags, where)
     for p in m["propagation"]:
         step(where, linux.mount, None, dest, None, p)
     return dest
+
+
+def _bind_sys(dest: str, flags: int, where: str) -> None:
+    """sysfs refuses a mount from a user namespace that does not own the network namespace (the
+    container shares the agent's): the host's /sys is bound instead, with the mount's flags on
+    its top, as `runc spec --rootless` writes it (rbind) and as runc falls back for cgroup2."""
+    step(where, linux.mount, "/sys", dest, None, linux.MS_BIND | linux.MS_REC)
+    step(where, linux.mount, None, dest, None, linux.MS_BIND | linux.MS_REMOUNT | flags)
 
 
 def _bind_target(rootfs: str, m: dict[str, Any]) -> str:
