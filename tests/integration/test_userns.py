@@ -190,3 +190,12 @@ def test_the_sandbox_pid_namespace_is_refused_with_a_user_namespace(agent, mappe
     code, msg = code_of(agent, "CreateContainer", request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith("sandbox_pidns:"), msg
     assert snapshot(agent) == before
+
+
+def test_a_terminal_in_a_user_namespace(agent, mapped_rootfs, container_id):
+    """The pty is the mapped root's (as runc gives its stdio): the container's root may reopen it."""
+    cfg = userns_spec(mapped_rootfs, ["sh", "-c", "tty; stat -c %u:%g /dev/console; echo reopened > /dev/console"])
+    cfg["process"]["terminal"] = True
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, (out, err)
+    assert out.replace("\r", "").splitlines() == ["/dev/console", "0:0", "reopened"]

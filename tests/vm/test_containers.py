@@ -185,6 +185,31 @@ def test_exec_into_running_container(stub, ctr):
         h.remove(stub, cid)
 
 
+def test_user_namespace_in_the_guest(stub, ctr):
+    """A container with its ids mapped (0 -> 100000) in the sandbox: it joins the sandbox's UTS
+    and IPC namespaces (the initial user namespace's) before its own, gets its mqueue, bound
+    devices and its v2 cgroup, pivots on the initramfs guest, and an exec lands in its user
+    namespace."""
+    cid, root = ctr
+    linux = h.default_config(["true"])["linux"]
+    linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
+    linux["uidMappings"] = linux["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    h.create(stub, cid, ["sleep", "600"], root, linux=linux)
+    try:
+        stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
+        _exec(stub, cid, "e1", ["sh", "-c", "cat /proc/self/uid_map; id; hostname; echo x > /dev/null && echo null-ok; "
+                                             "grep -c ' /dev/mqueue ' /proc/self/mountinfo; cat /proc/self/cgroup; "
+                                             "readlink /proc/self/ns/user; readlink /proc/1/ns/user"])
+        assert h.wait(stub, cid, "e1") == 0
+        lines = h.read_stream(stub, cid, "e1").decode().splitlines()
+        assert lines[0].split() == ["0", "100000", "65536"], lines
+        assert lines[1:5] == ["uid=0(root) gid=0(root)", "vmtest", "null-ok", "1"], lines
+        assert lines[5].startswith("0::/") and lines[5].endswith(cid), lines
+        assert lines[6] == lines[7] and lines[6].startswith("user:["), lines
+    finally:
+        h.remove(stub, cid)
+
+
 def test_sigterm_reaches_trap_handler(stub, ctr):
     cid, root = ctr
     h.create(stub, cid, ["sh", "-c", "trap 'echo got-TERM; exit 42' TERM; echo ready; "
