@@ -21,7 +21,7 @@ import pytest
 
 from agent.protocols import agent_pb2, oci_pb2
 from kata_agent_client.bundle import write_config
-from kata_agent_client.spec import DEFAULT_ENV
+from kata_agent_client.spec import DEFAULT_ENV, spec_from_config
 from tests.vm import helpers as h
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,6 +208,26 @@ def test_user_namespace_in_the_guest(stub, ctr):
         assert lines[6] == lines[7] and lines[6].startswith("user:["), lines
     finally:
         h.remove(stub, cid)
+    # runc's delegation: with a cgroup namespace and a writable cgroup mount, the v2 cgroup is
+    # the process user's, who can make a sub-cgroup in it (and removes it: the agent does not)
+    linux["namespaces"].append({"type": "cgroup"})
+    cid2 = cid + "-d"
+    cfg = h.default_config(["sh", "-c", "stat -c %u /sys/fs/cgroup; mkdir /sys/fs/cgroup/sub && "
+                                        "rmdir /sys/fs/cgroup/sub && echo delegated"])
+    cfg["root"]["path"], cfg["linux"] = root, linux
+    cfg.pop("hostname")
+    for m in cfg["mounts"]:
+        if m["destination"] == "/sys/fs/cgroup":
+            m["options"] = [o for o in m["options"] if o != "ro"]
+    stub.CreateContainer(agent_pb2.CreateContainerRequest(container_id=cid2, exec_id=cid2,
+                                                          OCI=spec_from_config(cfg)), timeout=60)
+    try:
+        stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid2), timeout=30)
+        status = h.wait(stub, cid2)
+        out, err = h.read_stream(stub, cid2).decode(), h.read_stream(stub, cid2, stream="stderr").decode()
+    finally:
+        h.remove(stub, cid2)
+    assert (status, out.split()) == (0, ["0", "delegated"]), (out, err)
 
 
 def test_sigterm_reaches_trap_handler(stub, ctr):
