@@ -199,3 +199,56 @@ def test_a_terminal_in_a_user_namespace(agent, mapped_rootfs, container_id):
     status, out, err = run(agent, container_id, cfg)
     assert status == 0, (out, err)
     assert out.replace("\r", "").splitlines() == ["/dev/console", "0:0", "reopened"]
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def _has_cap(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:"))
+    return bool(int(eff.split()[1], 16) >> cap & 1)
+
+
+@pytest.mark.skipif(not _has_cap(CAP_SYS_RESOURCE), reason="no CAP_SYS_RESOURCE here (tests/vm checks it in the guest)")
+def test_limits_that_need_the_initial_user_namespace(agent, mapped_rootfs, container_id):
+    """A hard rlimit raised and a negative oom_score_adj need CAP_SYS_RESOURCE in the initial
+    user namespace: they are set before the container's is entered (runc sets them from outside),
+    for the init and for an exec."""
+    cfg = userns_spec(mapped_rootfs, ["sh", "-c", "ulimit -Hr; cat /proc/self/oom_score_adj; sleep 100"])
+    cfg["process"]["rlimits"].append({"type": "RLIMIT_RTPRIO", "hard": 7, "soft": 7})
+    cfg["process"]["oomScoreAdj"] = -500
+    create(agent, container_id, cfg)
+    agent.client.call("StartContainer", {"container_id": container_id})
+    proc = {"Args": ["sh", "-c", "ulimit -Hr; cat /proc/self/oom_score_adj"], "Cwd": "/", "Env": ["PATH=/bin"],
+            "Rlimits": [{"Type": "RLIMIT_RTPRIO", "Hard": 9, "Soft": 9}], "OOMScoreAdj": -600}
+    agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e1", "process": proc})
+    assert agent.client.call("WaitProcess", {"container_id": container_id, "exec_id": "e1"}).status == 0
+    assert read_all(agent, container_id, exec_id="e1").decode().split() == ["9", "-600"]
+    agent.client.call("SignalProcess", {"container_id": container_id, "signal": 9})
+    agent.client.call("WaitProcess", {"container_id": container_id})
+    assert read_all(agent, container_id).decode().split() == ["7", "-500"]
+    agent.client.call("RemoveContainer", {"container_id": container_id})
+
+
+def test_sysfs_without_a_network_namespace_of_its_own(agent, mapped_rootfs, container_id):
+    """sysfs cannot be mounted from a user namespace that does not own the network namespace:
+    the guest's /sys is bound instead, read-only on top (`runc spec --rootless`)."""
+    cfg = userns_spec(mapped_rootfs, ["sh", "-c", "awk '$5 == \"/sys\" { print $4, $6 }' /proc/self/mountinfo; "
+                                                  "ls /sys/class/net | grep -c '^lo$'; touch /sys/x || echo ro"])
+    cfg["linux"]["namespaces"] = [ns for ns in cfg["linux"]["namespaces"] if ns["type"] != "network"]
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[0] == "/" and lines[0].split()[1].startswith("ro,"), lines
+    assert lines[1:] == ["1", "ro"]
+
+
+def test_a_devpts_gid_the_map_leaves_out_is_dropped(agent, mapped_rootfs, container_id):
+    """Only the container's root is mapped: devpts's gid=5 would make the mount fail (EINVAL)."""
+    cfg = userns_spec(mapped_rootfs, ["sh", "-c", "cat /proc/self/gid_map; grep -c ' /dev/pts ' /proc/self/mountinfo"])
+    for key in ("uidMappings", "gidMappings"):
+        cfg["linux"][key][0]["size"] = 1
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    assert out.split() == ["0", str(HOST), "1", "1"]

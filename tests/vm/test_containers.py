@@ -194,18 +194,24 @@ def test_user_namespace_in_the_guest(stub, ctr):
     linux = h.default_config(["true"])["linux"]
     linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
     linux["uidMappings"] = linux["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
-    h.create(stub, cid, ["sleep", "600"], root, linux=linux)
+    # a raised hard limit and a negative oom_score_adj need the initial user namespace's
+    # CAP_SYS_RESOURCE: set before the container's user namespace is entered
+    process = {**h.default_config(["sleep", "600"])["process"], "oomScoreAdj": -500}
+    process["rlimits"] = [*process["rlimits"], {"type": "RLIMIT_RTPRIO", "hard": 7, "soft": 7}]
+    h.create(stub, cid, ["sleep", "600"], root, linux=linux, process=process)
     try:
         stub.StartContainer(agent_pb2.StartContainerRequest(container_id=cid), timeout=30)
         _exec(stub, cid, "e1", ["sh", "-c", "cat /proc/self/uid_map; id; hostname; echo x > /dev/null && echo null-ok; "
                                              "grep -c ' /dev/mqueue ' /proc/self/mountinfo; cat /proc/self/cgroup; "
-                                             "readlink /proc/self/ns/user; readlink /proc/1/ns/user"])
+                                             "readlink /proc/self/ns/user; readlink /proc/1/ns/user; "
+                                             "grep -c 'realtime priority *7 *7' /proc/1/limits; cat /proc/1/oom_score_adj"])
         assert h.wait(stub, cid, "e1") == 0
         lines = h.read_stream(stub, cid, "e1").decode().splitlines()
         assert lines[0].split() == ["0", "100000", "65536"], lines
         assert lines[1:5] == ["uid=0(root) gid=0(root)", "vmtest", "null-ok", "1"], lines
         assert lines[5].startswith("0::/") and lines[5].endswith(cid), lines
         assert lines[6] == lines[7] and lines[6].startswith("user:["), lines
+        assert lines[8:] == ["1", "-500"], lines
     finally:
         h.remove(stub, cid)
     # runc's delegation: with a cgroup namespace and a writable cgroup mount, the v2 cgroup is
