@@ -1,6 +1,6 @@
 """Lifecycle latency of /bin/true: the agent over ttrpc and gRPC vs ``crun run`` and ``runc run``, interleaved.
 
-    sudo .venv/bin/python bench/lifecycle.py [-n 50] [--proto ttrpc|grpc|both] [--concurrent 100] [--rss-rounds 1000]
+    sudo .venv/bin/python bench/lifecycle.py [-n 50] [--proto ttrpc|grpc|both] [--concurrent 100] [--rss-rounds 1000] [--userns]
 
 Each round runs one agent lifecycle (Create+Start+Wait+Remove) per protocol, one ``runc run`` and
 one ``crun run`` of the same bundle, in turn, and reports medians (and the agent's per-RPC
@@ -44,7 +44,7 @@ from agent.protocols import agent_pb2  # noqa: E402
 from agent.protocols.oci_pb2 import Spec  # noqa: E402
 from kata_agent_client.client import AgentClient  # noqa: E402
 from kata_agent_client.spec import default_config, spec_from_config  # noqa: E402
-from tests.support import AgentProcess, make_busybox_rootfs  # noqa: E402
+from tests.support import AgentProcess, make_busybox_rootfs, shift_ids  # noqa: E402
 
 CRUN_WRAP = ["unshare", "-m", "--propagation", "private", "sh", "-c",
              'umount -l /sys/fs/cgroup/unified 2>/dev/null || exec "$@"; '
@@ -72,10 +72,20 @@ def forget_unified(cid: str) -> None:
     shutil.rmtree(UNIFIED / cid, ignore_errors=True)
 
 
-def bundle(tmp: pathlib.Path, args: list[str]) -> pathlib.Path:
+USERNS_HOST = 100000  # --userns: container ids 0-65535 are the host's 100000-165535
+
+
+def bundle(tmp: pathlib.Path, args: list[str], userns: bool = False) -> pathlib.Path:
     rootfs = make_busybox_rootfs(tmp / "rootfs")
     cfg = default_config(args, rootfs=str(rootfs))
     cfg["root"]["readonly"] = False
+    if userns:  # the root owned by the mapped range; its parents walkable by the mapped root
+        shift_ids(rootfs, USERNS_HOST)
+        for d in (tmp, tmp.parent):
+            os.chmod(d, 0o755)
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        for key in ("uidMappings", "gidMappings"):
+            cfg["linux"][key] = [{"containerID": 0, "hostID": USERNS_HOST, "size": 65536}]
     (tmp / "config.json").write_text(json.dumps(cfg))
     return tmp
 
@@ -255,6 +265,8 @@ def main() -> int:
     p.add_argument("--rss-rounds", type=int, default=0, help="lifecycles for the RSS growth check")
     p.add_argument("--cpu-rounds", type=int, default=100,
                    help="lifecycles back to back per runner for the CPU time per lifecycle (0: skip)")
+    p.add_argument("--userns", action="store_true",
+                   help="containers in a user namespace (0 -> 100000, 65536 ids), for all three")
     p.add_argument("--hybrid", action="store_true",
                    help="keep this machine's hybrid cgroups for the agent and runc (crun then runs "
                         "in a wrapper that hides the cgroup2 mount from it alone)")
@@ -266,7 +278,7 @@ def main() -> int:
         print("cgroups: as mounted; crun runs in an unshare wrapper that hides the cgroup2 mount")
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = pathlib.Path(tmp_s)
-        b = bundle(tmp / "bundle", ["true"])
+        b = bundle(tmp / "bundle", ["true"], opts.userns)
         agent = AgentProcess(tmp, ["--log-level", opts.log_level])
         protos = ["ttrpc", "grpc"] if opts.proto == "both" else [opts.proto]
         clients = [AgentClient(agent.addr, timeout=60, proto=proto) for proto in protos]

@@ -16,7 +16,7 @@ import pytest
 from tests.integration.test_containers import create, make_spec, read_all, run
 from tests.integration.test_rollback import settled
 from tests.integration.test_sandbox import agent_path, code_of, snapshot, spec_json
-from tests.support import agent_cgroups
+from tests.support import agent_cgroups, shift_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,16 +24,6 @@ HOST = 100000
 SIZE = 65536
 MAPS = {"uidMappings": [{"containerID": 0, "hostID": HOST, "size": SIZE}],
         "gidMappings": [{"containerID": 0, "hostID": HOST, "size": SIZE}]}
-
-
-def shift_tree(root: str, by: int) -> None:
-    """chown every entry of ``root`` (itself included, links not followed) by ``by`` ids."""
-    for path, dirs, files in os.walk(root):
-        for name in dirs + files:
-            full = os.path.join(path, name)
-            st = os.lstat(full)
-            os.lchown(full, st.st_uid + by, st.st_gid + by)
-    os.lchown(root, os.lstat(root).st_uid + by, os.lstat(root).st_gid + by)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +40,7 @@ def mapped_rootfs(busybox_rootfs, mapped_dir) -> str:
     """The busybox root owned by the mapped range, as runc's own tests prepare theirs."""
     rootfs = os.path.join(mapped_dir, "rootfs")
     shutil.copytree(busybox_rootfs, rootfs, symlinks=True)
-    shift_tree(rootfs, HOST)
+    shift_ids(rootfs, HOST)
     return rootfs
 
 
