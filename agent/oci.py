@@ -141,6 +141,18 @@ class ContainerConfig:
         host_uid, host_gid = map_id(self.uid_mappings, uid), map_id(self.gid_mappings, gid)
         return None if host_uid is None or host_gid is None else (host_uid, host_gid)
 
+    def check_user(self, proc: ProcessConfig, where: str) -> None:
+        """In a new user namespace, the numeric ids of ``proc`` must be mapped (setuid would fail
+        with EINVAL inside); a user given by name is resolved in the container, later."""
+        if not self.uid_mappings or proc.user:
+            return
+        if map_id(self.uid_mappings, proc.uid) is None:
+            raise InvalidArgument(f"{where}.User.UID: {proc.uid} is not mapped by OCI.Linux.UIDMappings")
+        gids = [("GID", proc.gid), *((f"AdditionalGids[{i}]", g) for i, g in enumerate(proc.additional_gids))]
+        for name, gid in gids:
+            if map_id(self.gid_mappings, gid) is None:
+                raise InvalidArgument(f"{where}.User.{name}: {gid} is not mapped by OCI.Linux.GIDMappings")
+
     def new_namespace(self, flag: int) -> bool:
         return any(f == flag and not path for f, path in self.namespaces)
 
@@ -422,6 +434,7 @@ def convert(spec: oci_pb2.Spec, container_id: str, string_user: str = "") -> Cre
     )
     if any(ns.Type == "user" and not ns.Path for ns in lx.Namespaces):
         _devpts_gid(container)
+        container.check_user(process, "OCI.Process")
     resources = None
     if lx.HasField("Resources"):
         resources = oci_pb2.LinuxResources()

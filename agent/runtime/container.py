@@ -179,12 +179,12 @@ class Runtime:
         async with UndoStack() as undo:
             stdio, child_fds = Stdio.create(cfg.process.terminal, *cfg.process.console_size, self.pipe_size)
             undo.push("close stdio", stdio.close)
-            _give_stdio(child_fds, cfg)
             # The cgroup is made while the spawner's child joins and unshares namespaces (and,
             # as the init, starts on the rootfs); it waits for the cgroup's directories (or EOF)
             # before it forks the init, or before its first step that needs the cgroup.
             req = CreateRequest(cfg, cgroup=None)
             try:
+                _give_stdio(child_fds, cfg)
                 sync = self.spawner.request(req, child_fds, new_pidns=self._init_is_zygote(cfg))
             finally:
                 for fd in set(child_fds):
@@ -290,12 +290,13 @@ class Runtime:
             raise FailedPrecondition(f"container {cid} is stopped")
         if not c.started:
             raise FailedPrecondition(f"container {cid} is not started")
+        c.config.check_user(proc_cfg, "process")
         stdio, child_fds = Stdio.create(proc_cfg.terminal, *proc_cfg.console_size, self.pipe_size)
-        _give_stdio(child_fds, c.config)
         req = ExecRequest(c.init_pid, proc_cfg, _cgroup_dirs(c.cgroup), c.config.seccomp)
         async with UndoStack() as undo:
             undo.push("close stdio", stdio.close)
             try:
+                _give_stdio(child_fds, c.config)
                 sync = self.spawner.request(req, child_fds)
             finally:
                 for fd in set(child_fds):

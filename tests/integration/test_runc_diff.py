@@ -1,7 +1,8 @@
 """Differential tests: the same config.json under Debian's runc and under the agent must give the
 container the same view of itself (ids, caps, NoNewPrivs, rlimits, env, cwd, hostname, mounts, /dev,
 namespaces, the flags of each cgroup mount, and which cgroups are the container's own, the v1
-name=systemd one included)."""
+name=systemd one included; whether its user can reopen its stdout). With a user namespace, also
+the maps and the owners in /dev."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ echo "== dev"; ls -l /dev | awk '{ print substr($1, 1, 1), $1, $3, $4, $9, $10, 
 echo "== ns"; ls /proc/self/ns
 echo "== umask"; umask
 echo "== own cgroups"; awk -F: '{ print $2, ($3 == "/" ? "the whole hierarchy" : "its own") }' /proc/self/cgroup | sort
+echo "== stdout"; echo reopened > /dev/stdout
 echo "== name=systemd shows"; find /sys/fs/cgroup/systemd -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
 """
 
@@ -65,7 +67,6 @@ USERNS_VIEW = r"""
 echo "== uid_map"; cat /proc/self/uid_map
 echo "== gid_map"; cat /proc/self/gid_map
 echo "== owners"; ls -ln / /dev /dev/pts /dev/shm /dev/mqueue | awk '{ print $1, $3, $4, $9 }'
-echo "== stdout"; echo reopened > /dev/stdout
 """
 
 
@@ -116,5 +117,20 @@ def test_user_namespace_matches_runc(agent, mapped_rootfs, container_id, tmp_pat
     def adjust(cfg):
         cfg["linux"]["namespaces"].append({"type": "user"})
         cfg["linux"].update({k: [dict(m) for m in v] for k, v in MAPS.items()})
+
+    compare(agent, tmp_path, mapped_rootfs, container_id, adjust, extra=USERNS_VIEW)
+
+
+def test_user_namespace_with_extents_and_a_user_matches_runc(agent, mapped_rootfs, container_id, tmp_path):
+    """Three extents (root, the users' ids, the rest shifted elsewhere) and a process user with
+    groups: the same maps, ids and owners under both."""
+    def adjust(cfg):
+        cfg["linux"]["namespaces"].append({"type": "user"})
+        extents = [{"containerID": 0, "hostID": 100000, "size": 1000},
+                   {"containerID": 1000, "hostID": 101000, "size": 1001},
+                   {"containerID": 2001, "hostID": 300000, "size": 63535}]
+        cfg["linux"]["uidMappings"] = [dict(m) for m in extents]
+        cfg["linux"]["gidMappings"] = [dict(m) for m in extents]
+        cfg["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [100, 2000]}
 
     compare(agent, tmp_path, mapped_rootfs, container_id, adjust, extra=USERNS_VIEW)

@@ -110,6 +110,11 @@ def test_exec_lands_in_the_containers_user_namespace(agent, mapped_rootfs, conta
     assert as_root[2] == "0" and as_root[3].split() == ["0", str(HOST), str(SIZE)]
     as_user = read_all(agent, container_id, exec_id="e1").decode().splitlines()
     assert as_user[0] == as_root[0] and as_user[-2:] == ["1000", as_root[3]]
+    unmapped = {**proc, "User": {"UID": SIZE, "GID": 0}}  # one past the map
+    with pytest.raises(grpc.RpcError) as e:
+        agent.client.call("ExecProcess", {"container_id": container_id, "exec_id": "e2", "process": unmapped})
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == f"process.User.UID: {SIZE} is not mapped by OCI.Linux.UIDMappings"
     agent.client.call("RemoveContainer", {"container_id": container_id})
 
 
@@ -171,6 +176,21 @@ def test_a_user_namespace_joined_by_path(agent, mapped_rootfs, container_id):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_bad_maps_are_refused_and_change_nothing(agent, mapped_rootfs):
+    agent.client.call("CreateSandbox", {"hostname": "ok"})
+    before = snapshot(agent)
+    for change, field in (({"UIDMappings": [{"ContainerID": 0, "HostID": HOST, "Size": 10},
+                                            {"ContainerID": 5, "HostID": 0, "Size": 1}]}, "OCI.Linux.UIDMappings[1]"),
+                          ({"GIDMappings": []}, "OCI.Linux.GIDMappings"),
+                          ({"UIDMappings": [{"ContainerID": 0, "HostID": 4294967295, "Size": 2}]},
+                           "OCI.Linux.UIDMappings[0].HostID")):
+        request = {"container_id": "c", "OCI": userns_json(mapped_rootfs)}
+        request["OCI"]["Linux"].update(change)
+        code, msg = code_of(agent, "CreateContainer", request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and msg.startswith(field), msg
+        assert snapshot(agent) == before
 
 
 def test_the_sandbox_pid_namespace_is_refused_with_a_user_namespace(agent, mapped_rootfs):

@@ -242,3 +242,19 @@ def test_devpts_gid_stays_only_when_mapped():
 
 def test_map_text_is_what_the_kernel_reads():
     assert oci.map_text([(0, 100000, 65536), (65536, 1, 1)]) == "0 100000 65536\n65536 1 1\n"
+
+
+def test_the_process_ids_must_be_mapped_in_a_new_user_namespace():
+    small = [{"containerID": 0, "hostID": 100000, "size": 1000}]
+    for user, message in (({"uid": 1000, "gid": 0}, "OCI.Process.User.UID: 1000 is not mapped"),
+                          ({"uid": 0, "gid": 5000}, "OCI.Process.User.GID: 5000 is not mapped"),
+                          ({"uid": 0, "gid": 0, "additionalGids": [1, 1001]},
+                           "OCI.Process.User.AdditionalGids[1]: 1001 is not mapped")):
+        s = userns(uid_maps=small, gid_maps=small)
+        s.Process.User.CopyFrom(spec(**{"process.user": user}).Process.User)
+        with pytest.raises(InvalidArgument) as e:
+            oci.convert(s, "c")
+        assert e.value.message.startswith(message)
+    s = userns(uid_maps=small, gid_maps=small)
+    s.Process.User.CopyFrom(spec(**{"process.user": {"uid": 1000, "gid": 1000}}).Process.User)
+    assert oci.convert(s, "c", string_user="user").container.process.user == "user"  # resolved inside

@@ -4,6 +4,7 @@ exec. The init first reports protocol.Ready and waits for protocol.Start."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import resource
@@ -197,7 +198,29 @@ def _lookup(db: list[list[str]], key: str, id_field: int) -> list[str] | None:
     return None
 
 
+def _own_stdio(uid: int) -> None:
+    """runc's fixStdioPermissions: stdio belongs to the user the process becomes, so that it can
+    reopen it (/dev/stdout); /dev/null is left alone, and so is a file whose owner this user
+    namespace does not map (EPERM)."""
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if st.st_uid == uid or (stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL):
+            continue
+        try:
+            os.fchown(fd, uid, -1)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EROFS):
+                raise SetupError(f"chown stdio {fd}: {exc.strerror}") from None
+
+
+_DEV_NULL = os.makedev(1, 3)
+
+
 def _become(user: User, proc: dict[str, Any]) -> None:
+    _own_stdio(user.uid)
     caps = proc["caps"] if proc["caps_given"] else None
     if caps is not None:
         for cap in range(linux.cap_last_cap() + 1):
