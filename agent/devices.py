@@ -256,7 +256,7 @@ def use_node(cfg: CreateConfig, container_path: str, node: Node, what: str) -> N
     if entry is None:
         raise InvalidArgument(f"{what}.container_path: no OCI.Linux.Devices entry has Path {container_path!r}")
     old = (_KINDS.get(stat.S_IFMT(entry.mode), ""), entry.major, entry.minor)
-    entry.major, entry.minor = node.major, node.minor
+    entry.major, entry.minor, entry.source = node.major, node.minor, node.path
     for rule in cfg.resources.Devices if cfg.resources is not None else ():
         kind_ok = rule.Type in ("", "a", old[0]) or (old[0] in "cu" and rule.Type in "cu")
         if kind_ok and rule.Major == old[1] and rule.Minor == old[2]:

@@ -73,6 +73,9 @@ class DeviceConfig:
     minor: int
     uid: int
     gid: int
+    # the guest's node to bind where a node cannot be made (a user namespace): "" is ``path``
+    # itself, as runc binds it; a hot-plugged device's is the node the guest made (agent.devices)
+    source: str = ""
 
 
 @dataclass

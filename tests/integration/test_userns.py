@@ -262,3 +262,13 @@ def test_a_devpts_gid_the_map_leaves_out_is_dropped(agent, mapped_rootfs, contai
     status, out, err = run(agent, container_id, cfg)
     assert status == 0, err
     assert out.split() == ["0", str(HOST), "1", "1"]
+
+
+def test_spec_devices_are_bound_from_the_guest(agent, mapped_rootfs, container_id):
+    """No mknod in a user namespace: a device of the spec is the guest's node bound (runc)."""
+    cfg = userns_spec(mapped_rootfs, ["sh", "-c", "[ -c /dev/kmsg ] && echo char; "
+                                                  "grep -c ' /dev/kmsg ' /proc/self/mountinfo"])
+    cfg["linux"]["devices"] = [{"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11}]
+    status, out, err = run(agent, container_id, cfg)
+    assert status == 0, err
+    assert out.split() == ["char", "1"]

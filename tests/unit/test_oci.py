@@ -168,6 +168,8 @@ def test_a_hot_plugged_device_takes_the_guest_numbers_in_the_config_and_its_cgro
     oci.allow_devices(cfg)
     assert [(d.path, d.major, d.minor) for d in cfg.container.devices] == [("/dev/vda", 252, 16),
                                                                          ("/dev/vdb", 252, 32)]
+    # bound from the guest's node where it cannot be made (a user namespace)
+    assert [d.source for d in cfg.container.devices] == ["/dev/vdx", "/dev/vdy"]
     assert [(r.Type, r.Major, r.Minor, r.Access) for r in cfg.resources.Devices] == [
         ("", 0, 0, "rwm"), ("b", 252, 16, "rw"), ("b", 252, 16, "rwm"), ("b", 252, 32, "rwm")]
     with pytest.raises(InvalidArgument, match=r"devices\[2\].container_path: no OCI.Linux.Devices entry"):

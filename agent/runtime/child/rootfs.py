@@ -305,7 +305,7 @@ def _make_device(rootfs: str, dev: dict[str, Any]) -> None:
         os.mknod(full, dev["mode"], os.makedev(dev["major"], dev["minor"]))
     except PermissionError:  # no CAP_MKNOD: bind the host's node, as runc does
         os.close(os.open(full, os.O_CREAT | os.O_WRONLY, 0o644))
-        step(where, linux.mount, dev["path"], full, None, linux.MS_BIND)
+        step(where, linux.mount, dev["source"] or dev["path"], full, None, linux.MS_BIND)
         return
     except OSError as exc:
         raise SetupError(f"{where}: {exc.strerror}") from None
