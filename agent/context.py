@@ -16,7 +16,7 @@ from agent.config import Config
 
 if TYPE_CHECKING:  # annotations only: importing them here would make every area import all
     from agent.metrics import Metrics
-    from agent.network import Netlink
+    from agent.netlink import Netlink
     from agent.policy import PolicyHolder
     from agent.runtime.container import Runtime
     from agent.runtime.spawner import Spawner
@@ -39,7 +39,7 @@ class Agent:
     uevents: UeventListener | None = None
     # The sandbox: hostname, pinned namespaces, DNS, storages (agent.sandbox).
     sandbox: Sandbox | None = None
-    # The netlink worker for interfaces, routes and neighbours (agent.network).
+    # The netlink worker for interfaces, routes and neighbours (agent.netlink; the domain: agent.network).
     network: Netlink | None = None
     started_at: float = field(default_factory=time.monotonic)
     # Set when the agent should stop serving (signal, or a request to shut down).

@@ -15,17 +15,16 @@ import re
 import shutil
 import socket
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError, AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound
+from agent.netlink import Netlink
 from agent.protocols import types_pb2
 from agent.runtime import command
 from agent.undo import UndoStack
 
 if TYPE_CHECKING:  # pyroute2 is imported by the netlink thread on the first network RPC (9 MB, 1-2 s in a TCG guest)
-    from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
 T = TypeVar("T")
@@ -43,37 +42,6 @@ _IFNAME = re.compile(r"[^/\s:]+")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 FAMILIES = {socket.AF_INET: types_pb2.v4, socket.AF_INET6: types_pb2.v6}
 IPV6_LINK_LOCAL = ipaddress.ip_network("fe80::/64")
-
-
-class Netlink:
-    """One thread that owns an rtnetlink socket; ``run(fn, *args)`` calls ``fn(ipr, *args)`` there."""
-
-    def __init__(self, factory: Callable[[], IPRoute] | None = None) -> None:
-        self._factory = factory
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
-        self._ipr: IPRoute | None = None
-
-    def _call(self, fn: Callable[..., T], args: tuple, kwargs: dict[str, Any]) -> T:
-        if self._ipr is None:
-            if self._factory is None:
-                from pyroute2 import IPRoute
-
-                self._factory = IPRoute
-            self._ipr = self._factory()
-        return fn(self._ipr, *args, **kwargs)
-
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn, args, kwargs)
-
-    def _close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-
-    async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
 
 
 def _netlink_error_type() -> type[Exception]:

@@ -16,14 +16,14 @@ import logging
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
-from agent import policy
 from agent.bootpolicy import BootPolicy
 from agent.config import Config
 from agent.context import Agent
 from agent.errors import AgentError
 from agent.metrics import Metrics
-from agent.network import Netlink
+from agent.netlink import Netlink
 from agent.rpc import Handler, containers, guest, handlers, network, resources
 from agent.rpc import sandbox as sandbox_rpc
 from agent.runtime.container import Runtime
@@ -34,6 +34,9 @@ from agent.server import Front, ListenError
 from agent.service import Services
 from agent.uevent import UeventListener
 from agent.undo import UndoStack
+
+if TYPE_CHECKING:
+    from agent.policy import PolicyHolder
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +50,19 @@ def all_handlers() -> dict[str, Handler]:
     return handlers(containers, resources, sandbox_rpc, network, guest)
 
 
-def boot_policy(boot: BootPolicy) -> policy.PolicyHolder:
-    """The boot policy (parsed once, perhaps already by PID 1's set-up), else allow-all; a bad one
-    is a StartError."""
+def boot_policy(boot: BootPolicy) -> PolicyHolder | None:
+    """The boot policy (parsed once, perhaps already by PID 1's set-up), else None (allow-all:
+    agent.policy is then imported by the first SetPolicy, 0.03 s of a TCG guest's boot); a bad
+    one is a StartError."""
     try:
         parsed = boot.get()
     except (OSError, AgentError) as exc:  # PolicyError, or no Rego engine here (FAILED_PRECONDITION)
         message = exc.message if isinstance(exc, AgentError) else f"{boot.value}: {exc.strerror}"
         raise StartError(f"policy at boot: {message}") from None
     if parsed is None:
-        return policy.PolicyHolder()
+        return None
+    from agent import policy
+
     log.info("policy loaded", extra={"fields": {"source": boot.source, "rules": len(parsed.rules)}})
     return policy.PolicyHolder(parsed)
 

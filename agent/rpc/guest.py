@@ -20,7 +20,14 @@ EXTRA_FEATURES = ["policy-json", "metrics-prometheus", "iptables"]
 
 @rpc("SetPolicy")
 async def set_policy(agent: Agent, request: agent_pb2.SetPolicyRequest):
-    agent.policy.replace(request.policy)
+    if agent.policy is None:  # allow-all since boot: the first policy
+        from agent import policy
+
+        holder = policy.PolicyHolder()
+        holder.replace(request.policy)  # raises before anything changes
+        agent.policy = holder
+    else:
+        agent.policy.replace(request.policy)
     return empty_pb2.Empty()
 
 

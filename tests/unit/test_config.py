@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent import linux
-from agent.config import VMADDR_CID_ANY, ConfigError, agent_keys, load, parse_address
+from agent.config import VMADDR_CID_ANY, ConfigError, agent_keys, arg_parser, load, no_flags, parse_address
 
 
 @pytest.mark.parametrize("text,target", [
@@ -206,3 +206,8 @@ def test_cgroup_v1_hierarchies_from_proc_cgroups():
             "perf_event\t0\t1\t1\nnet_prio\t0\t1\t1\nhugetlb\t0\t1\t0\npids\t0\t1\t1\n")
     assert v1_hierarchies(proc) == [("cpuset",), ("cpu", "cpuacct"), ("blkio",), ("memory",), ("devices",),
                                     ("freezer",), ("net_cls", "net_prio"), ("perf_event",), ("pids",)]
+
+
+def test_no_flags_is_what_the_parser_makes_of_none():
+    # load() skips argparse when there are no flags (the guest's PID 1): the two must agree
+    assert vars(arg_parser().parse_args([])) == vars(no_flags())
