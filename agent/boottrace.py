@@ -19,6 +19,7 @@ for each module imported (one dictionary-free string test for most of them). Out
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 import time
@@ -92,8 +93,23 @@ class _ImportWatch:
     included). The loader is put back once the module has run."""
 
     def __init__(self) -> None:
-        self._stack: list[str] = []
-        self._asking = False
+        self._local = _thread._local()  # per thread (the agent imports part of itself aside)
+
+    @property
+    def _stack(self) -> list[str]:
+        try:
+            return self._local.stack
+        except AttributeError:
+            self._local.stack = []
+            return self._local.stack
+
+    @property
+    def _asking(self) -> bool:
+        return getattr(self._local, "asking", False)
+
+    @_asking.setter
+    def _asking(self, value: bool) -> None:
+        self._local.asking = value
 
     def find_spec(self, name, path=None, target=None):
         if not _enabled or self._asking or not _watched(name):

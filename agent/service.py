@@ -7,11 +7,15 @@ turn domain errors into a status code and message (agent.errors, the one place),
 the call. ttrpc reaches it through ``dispatch``; gRPC through ``agent.grpc_server``. Neither the
 handlers nor this module know which protocol called.
 
-Every AgentService method is served: by its handler, or with UNIMPLEMENTED saying so.
+Every AgentService method is served: by its handler, or with UNIMPLEMENTED saying so. A table
+made before the handlers exist (``Services(agent)``, as agent.wiring does to answer Health while
+the rest of the agent is built) answers Health at once, and an AgentService call waits for
+``serve(handlers)``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -62,14 +66,33 @@ def _methods(service, handlers: dict[str, Handler], guarded: bool) -> list[Metho
 class Services:
     """The table of every method the agent serves, and the one wrapper around each call."""
 
-    def __init__(self, agent: Agent, handlers: dict[str, Handler]) -> None:
+    def __init__(self, agent: Agent, handlers: dict[str, Handler] | None = None) -> None:
+        self.agent = agent
+        self.methods: dict[tuple[str, str], Method] = {}
+        self._served: asyncio.Event | None = None  # made in the event loop by the first waiter
+        table = _methods(HEALTH_SERVICE, {"Check": health_check, "Version": health_version}, guarded=False)
+        self._set(table + _methods(AGENT_SERVICE, {}, guarded=True))
+        self.serving = False
+        if handlers is not None:
+            self.serve(handlers)
+
+    def _set(self, table: list[Method]) -> None:
+        self.methods.update({(m.service, m.name): m for m in table})
+
+    def serve(self, handlers: dict[str, Handler]) -> None:
+        """Put the AgentService handlers in the table; calls that waited for them go on."""
         unknown = set(handlers) - set(METHODS)
         if unknown:
             raise RuntimeError(f"handlers for methods not in AgentService: {sorted(unknown)}")
-        self.agent = agent
-        table = _methods(AGENT_SERVICE, handlers, guarded=True)
-        table += _methods(HEALTH_SERVICE, {"Check": health_check, "Version": health_version}, guarded=False)
-        self.methods: dict[tuple[str, str], Method] = {(m.service, m.name): m for m in table}
+        self._set(_methods(AGENT_SERVICE, handlers, guarded=True))
+        self.serving = True
+        if self._served is not None:
+            self._served.set()
+
+    async def _until_served(self) -> None:
+        if self._served is None:
+            self._served = asyncio.Event()
+        await self._served.wait()
 
     @property
     def service_names(self) -> list[str]:
@@ -84,6 +107,11 @@ class Services:
         start = time.perf_counter()
         code, message = Code.OK, ""
         try:
+            if method.guarded:
+                if not self.serving:  # the agent is still being built
+                    await self._until_served()
+                # the table's entry now: a caller (grpcio's) may hold one made before serve()
+                method = self.methods[(method.service, method.name)]
             try:
                 request = method.request_cls.FromString(body)
             except DecodeError as exc:

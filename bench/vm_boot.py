@@ -20,7 +20,8 @@ Where the times come from:
   that ``agent.boottrace`` writes there from /init on (marks, and the imports that took 10 ms or
   more), all on the kernel's clock;
 - the agent's "agent serving" log line on the console (its wall time, placed on the kernel's
-  clock by the wall time of /init's first mark);
+  clock by the wall time of /init's first mark): every handler is in place; "listening" (a mark)
+  is earlier: the agent answers Health from then on, and AgentService calls wait for "serving";
 - the host: QEMU's start and the first answered Health.Check, placed on the guest's clock by
   writing a line into the guest's kernel log from the host (three tries; the shortest round trip
   is kept, so the placement is good to half of it, printed as ``sync``).
@@ -60,7 +61,7 @@ KERNEL_EVENTS = {  # dmesg text -> milestone
 MILESTONES = (
     "qemu start", "kernel start", "initramfs unpack starts", "initramfs unpacked",
     "kernel runs /init", "python runs /init", "agent main", "stub main", "pid1 set-up done",
-    "spawner started", "spawner ready", "stub imported grpc", "serving", "gRPC started", "health answered",
+    "spawner started", "spawner ready", "stub imported grpc", "listening", "serving", "gRPC started", "health answered",
     "CreateSandbox answered",
     "template loaded", "shared RAM copied", "ready (reseeded, clock set)", "virtio-fs hot-plugged",
 )
@@ -264,7 +265,7 @@ def one(arch: str, v: Variant, a) -> Run:
         for mark, event in (("init-start", "python runs /init"), ("agent-main", "agent main"),
                             ("stub-main", "stub main"), ("spawner-started", "spawner started"),
                             ("spawner-ready", "spawner ready"), ("stub-imported", "stub imported grpc"),
-                            ("stub-serving", "serving")):
+                            ("stub-serving", "serving"), ("listening", "listening")):
             if mark in marks:
                 ev[event] = since(marks[mark]["mono"] + lag)
         if "pid1-setup" in marks:

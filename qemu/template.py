@@ -134,6 +134,10 @@ def make_template(guest: "Guest", directory: Path, timeout: float = 300.0) -> Te
     guest.template = None
     try:
         guest.start()
+        # the agent answers Health before it has built everything: saved only once it has
+        from qemu.vm import wait_served
+
+        wait_served(guest.addr, timeout)
         accel = guest.used_accel
         t0 = time.monotonic()
         # The source keeps running until QEMU stops it to save the devices: the restored guest

@@ -149,6 +149,33 @@ def _ttrpc_health(addr: str, timeout: float) -> bool:
         client.close()
 
 
+def wait_served(addr: str, timeout: float) -> None:
+    """Until the agent answers an AgentService call (GetGuestDetails, which changes nothing): it
+    answers Health as soon as it listens, imports and builds the rest after, and its AgentService
+    calls wait for that (agent.wiring). Any answer but a deadline will do (a boot policy may deny
+    the call: it is checked after the wait). Raises BootError when it does not answer in time."""
+    from agent import ttrpc
+    from agent.config import parse_address
+    from agent.errors import Code
+    from agent.protocols import agent_pb2
+    from kata_agent_client.dial import dial
+
+    try:
+        client = ttrpc.Client(dial(parse_address(addr), timeout=timeout))
+    except OSError as exc:
+        raise BootError(f"agent at {addr}: {exc}") from None
+    try:
+        client.call("grpc.AgentService", "GetGuestDetails", agent_pb2.GuestDetailsRequest().SerializeToString(),
+                    timeout=timeout)
+    except ttrpc.Status as exc:
+        if exc.code == Code.DEADLINE_EXCEEDED:
+            raise BootError(f"agent at {addr} did not answer GetGuestDetails: {exc}") from None
+    except OSError as exc:
+        raise BootError(f"agent at {addr} did not answer GetGuestDetails: {exc}") from None
+    finally:
+        client.close()
+
+
 class BootError(RuntimeError):
     pass
 

@@ -102,12 +102,21 @@ class AgentProcess:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
             try:
                 self.client.wait_ready(timeout=0.5)
+                self._wait_serving(deadline)
                 self._wait_zygote(min(deadline, time.monotonic() + 5))
                 return
             except Exception:
                 if time.monotonic() > deadline:
                     self.kill()
                     raise RuntimeError(f"agent not ready after {timeout} s:\n{self.logs()}")
+
+    def _wait_serving(self, deadline: float) -> None:
+        """Until the agent logged "agent serving": it answers Health as soon as it listens, and
+        builds the rest after (agent.wiring); tests that snapshot the machine start from there."""
+        while '"msg": "agent serving"' not in self.logs():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the agent answered Health but did not log 'agent serving'")
+            time.sleep(0.02)
 
     def _wait_zygote(self, deadline: float) -> None:
         """Until the spawner's PID-1 zygote is up (made with CLONE_PARENT, a child of the agent,

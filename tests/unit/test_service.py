@@ -138,3 +138,32 @@ def test_kata_health_check_and_version_on_both():
         s.agent.stopping.set()
         with AgentClient(s.addr) as client:
             assert client.health() == "NOT_SERVING"
+
+
+def test_health_answers_before_the_handlers_and_agent_calls_wait_for_them():
+    # agent.wiring listens before the rest of the agent is built: Health answers at once, an
+    # AgentService call waits for serve() and then runs its handler, through both protocols
+    # (grpcio registers its methods once, possibly before serve())
+    services = Services(Agent(config=Config()))
+
+    async def scenario():
+        health = await services.dispatch("grpc.Health", "Check", b"")
+        waiting = asyncio.ensure_future(services.dispatch(
+            "grpc.AgentService", "WaitProcess", agent_pb2.WaitProcessRequest(container_id="abc").SerializeToString()))
+        await asyncio.sleep(0.05)
+        early = waiting.done()
+        services.serve(HANDLERS)
+        return health, early, await asyncio.wait_for(waiting, 10)
+
+    health, early, reply = asyncio.run(scenario())
+    assert health_pb2.HealthCheckResponse.FromString(health).status == health_pb2.HealthCheckResponse.SERVING
+    assert not early
+    assert agent_pb2.WaitProcessResponse.FromString(reply).status == 3
+
+
+def test_a_method_taken_from_the_table_before_serve_gets_its_handler():
+    services = Services(Agent(config=Config()))
+    method = services.methods[("grpc.AgentService", "WaitProcess")]  # as grpcio keeps it
+    services.serve(HANDLERS)
+    body = agent_pb2.WaitProcessRequest(container_id="ab").SerializeToString()
+    assert agent_pb2.WaitProcessResponse.FromString(asyncio.run(services.call(method, body))).status == 2
