@@ -10,7 +10,10 @@ wrapper; Kata's Health.Check answers with no domain work) and serves it two ways
     before it served ttrpc: the "before" of the relay's cost).
 The client calls from this process over loopback TCP with the host library's blocking clients,
 one connection each, in rounds that interleave the three ways; it prints p50 and p90 per way,
-the median of the rounds, and gRPC's cost through the front against grpcio alone.
+the median of the rounds, and gRPC's cost through the front against grpcio alone. Beside the
+latency it prints the server process's CPU time per call (all its threads, from
+/proc/PID/task/*/schedstat around each way's calls): on a shared machine the latency moves by tens
+of microseconds from run to run, the CPU a call costs much less.
 Not a test: it prints numbers.
 """
 
@@ -54,6 +57,18 @@ asyncio.run(main())
 """
 
 
+def cpu_us(pid: int) -> float:
+    """CPU time of every thread of ``pid`` so far, in microseconds (schedstat: nanoseconds on CPU)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return total / 1e3
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("-n", type=int, default=3000, help="calls per way and round")
@@ -84,13 +99,16 @@ def main() -> int:
                 fn()
         p50s: dict[str, list[float]] = {k: [] for k in calls}
         p90s: dict[str, list[float]] = {k: [] for k in calls}
+        cpus: dict[str, list[float]] = {k: [] for k in calls}
         for r in range(opts.rounds):
             for name, fn in calls.items():
                 ts = []
+                cpu = cpu_us(server.pid)
                 for _ in range(opts.n):
                     t = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t)
+                cpus[name].append((cpu_us(server.pid) - cpu) / opts.n)
                 ts.sort()
                 p50s[name].append(ts[len(ts) // 2] * 1e6)
                 p90s[name].append(ts[int(len(ts) * 0.9)] * 1e6)
@@ -99,9 +117,12 @@ def main() -> int:
         for name in calls:
             print(f"  {name:22s} p50 {statistics.median(p50s[name]):7.1f} us   "
                   f"p90 {statistics.median(p90s[name]):7.1f} us   "
+                  f"server CPU {statistics.median(cpus[name]):6.1f} us/call   "
                   f"(round p50s {', '.join(f'{v:.0f}' for v in p50s[name])})")
         front, alone = statistics.median(p50s["gRPC (front)"]), statistics.median(p50s["gRPC (grpcio alone)"])
         print(f"  gRPC through the front costs {front - alone:+.1f} us at p50 ({(front / alone - 1) * 100:+.1f} %)")
+        front, alone = statistics.median(cpus["gRPC (front)"]), statistics.median(cpus["gRPC (grpcio alone)"])
+        print(f"  and {front - alone:+.1f} us of the server's CPU per call ({(front / alone - 1) * 100:+.1f} %)")
         for c in ways.values():
             c.close()
     finally:
