@@ -60,3 +60,24 @@ def test_container_life_on_aarch64(arm):
         finally:
             h.remove(stub, cid)
             stub.DestroySandbox(agent_pb2.DestroySandboxRequest(), timeout=60)
+
+
+def test_user_namespace_on_aarch64(arm):
+    """A container with its ids mapped in the sandbox: the mount API calls (fsopen, fsmount,
+    move_mount: the mqueue of the sandbox's IPC namespace) and the maps on the other arch."""
+    cid = h.new_id("armu")
+    linux = h.default_config(["true"])["linux"]
+    linux["namespaces"] = [*linux["namespaces"], {"type": "user"}]
+    linux["uidMappings"] = linux["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    with h.agent_stub(arm.addr) as stub:
+        stub.CreateSandbox(agent_pb2.CreateSandboxRequest(hostname="arm", sandbox_id="arm"), timeout=60)
+        try:
+            root = _rootfs(arm, cid)
+            status, out, err = h.run(stub, cid, ["sh", "-c", "cat /proc/self/uid_map /proc/self/mountinfo; "
+                                                 "echo x > /dev/null && echo null-ok"], root, linux=linux)
+            assert status == 0, (out, err)
+            lines = out.splitlines()
+            assert lines[0].split() == ["0", "100000", "65536"] and lines[-1] == "null-ok", out
+            assert any(" /dev/mqueue " in line and " - mqueue " in line for line in lines), out
+        finally:
+            stub.DestroySandbox(agent_pb2.DestroySandboxRequest(), timeout=60)
