@@ -30,6 +30,7 @@ MIN_IMPORT = 0.010  # imports that take less are not written
 
 _enabled = os.environ.get(ENV) == "1"
 _pending: list[bytes] = []
+_lock = _thread.allocate_lock()  # the agent imports part of itself in a thread (agent.wiring)
 
 
 def enabled() -> bool:
@@ -57,6 +58,11 @@ def mark(name: str, t: float | None = None, **fields: object) -> None:
 
 
 def _write(line: bytes) -> None:
+    with _lock:
+        _write_locked(line)
+
+
+def _write_locked(line: bytes) -> None:
     _pending.append(line)
     while _pending:
         # Opened for each record: the kernel lets one open /dev/kmsg write 10 records per 5 s
@@ -75,9 +81,10 @@ def _write(line: bytes) -> None:
 
 
 def _stop_in_child() -> None:
-    global _enabled
+    global _enabled, _lock
     _enabled = False
     _pending.clear()
+    _lock = _thread.allocate_lock()  # another thread may have held it at the fork
 
 
 # --------------------------------------------------------------------------- the import watcher
