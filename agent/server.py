@@ -167,9 +167,9 @@ class _Sniffer(asyncio.Protocol):
 class _PipeEnd(asyncio.Protocol):
     """One side of a byte pipe: what it receives goes to ``peer``'s transport."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: "_PipeEnd | None" = None) -> None:
         self.transport: asyncio.Transport | None = None
-        self.peer: _PipeEnd | None = None
+        self.peer = peer
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -220,7 +220,9 @@ class _GrpcPipe(_PipeEnd):
     async def _join(self) -> None:
         try:
             path = await self.front.grpc_backend()
-            _, backend = await asyncio.get_running_loop().create_unix_connection(_PipeEnd, path)
+            # the backend's end knows its peer from the start: grpcio speaks first (its SETTINGS),
+            # and a loop may deliver that before this coroutine resumes
+            _, backend = await asyncio.get_running_loop().create_unix_connection(lambda: _PipeEnd(self), path)
         except Exception as exc:  # noqa: BLE001 - this connection fails, the listener lives on
             log.warning("gRPC connection dropped: backend unavailable", extra={"fields": {"error": str(exc)}})
             self.transport.close()
@@ -228,7 +230,7 @@ class _GrpcPipe(_PipeEnd):
         if self.transport.is_closing():
             backend.transport.close()
             return
-        backend.peer, self.peer = self, backend
+        self.peer = backend
         backend.transport.write(bytes(self.early))
         self.early.clear()
         self.transport.resume_reading()

@@ -249,6 +249,35 @@ def test_grpc_and_ttrpc_clients_on_one_port_at_once():
             assert results == [3]
 
 
+def test_grpcio_speaking_before_the_relay_is_joined_reaches_the_client(monkeypatch):
+    """grpcio speaks first on its socket (its SETTINGS). A loop may deliver those bytes before the
+    coroutine that opened the connection resumes (uvloop does); they reached an end of the pipe
+    that had no peer yet, and the client's connection died."""
+    opened = asyncio.unix_events._UnixSelectorEventLoop.create_unix_connection
+
+    async def delivered_first(self, factory, path=None, **kwargs):
+        heard = asyncio.Event()
+
+        def protocol():
+            made = factory()
+            received = made.data_received
+
+            def data_received(data):
+                heard.set()
+                received(data)
+
+            made.data_received = data_received
+            return made
+
+        connection = await opened(self, protocol, path, **kwargs)
+        await asyncio.wait_for(heard.wait(), 10)  # grpcio's first bytes, before the caller resumes
+        return connection
+
+    monkeypatch.setattr(asyncio.unix_events._UnixSelectorEventLoop, "create_unix_connection", delivered_first)
+    with served({}) as s, AgentClient(s.addr, proto="grpc") as g:
+        assert g.health() == "SERVING"
+
+
 def test_the_blocking_client_serves_many_threads_on_one_connection():
     async def echo(agent, request):
         await asyncio.sleep(0.001 * (len(request.container_id) % 5))
