@@ -12,8 +12,8 @@ The client calls from this process over loopback TCP with the host library's blo
 one connection each, in rounds that interleave the three ways; it prints p50 and p90 per way,
 the median of the rounds, and gRPC's cost through the front against grpcio alone. Beside the
 latency it prints the server process's CPU time per call (all its threads, from
-/proc/PID/task/*/schedstat around each way's calls): on a shared machine the latency moves by tens
-of microseconds from run to run, the CPU a call costs much less.
+/proc/PID/task/*/schedstat around each way's calls), a second view of what the relay adds; on
+this shared VM both move with the machine's load, so compare ways within one run.
 Not a test: it prints numbers.
 """
 
