@@ -80,7 +80,7 @@ async def set_guest_date_time(agent: Agent, request: agent_pb2.SetGuestDateTimeR
 async def reseed_random_dev(agent: Agent, request: agent_pb2.ReseedRandomDevRequest):
     # inline (it checks the seed first): two ioctls and a small file, and the first RPC after a
     # template's restore, where the loop's first thread (and concurrent.futures, not imported at
-    # start) would cost 0.05 s under TCG
+    # start) cost 0.1 s under TCG
     guest.reseed(request.data)
     return empty_pb2.Empty()
 
