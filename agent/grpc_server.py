@@ -24,9 +24,11 @@ SHUTDOWN_GRACE = 2.0
 
 
 def _handler(services: Services, method: Method):
+    key = (method.service, method.name)
+
     async def handle(body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            return await services.call(method, body)
+        try:  # the table's entry now: grpcio may have started before serve() filled it
+            return await services.call(services.methods[key], body)
         except AgentError as exc:
             await context.abort(grpc.StatusCode[exc.code.name], exc.message)
 

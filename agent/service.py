@@ -69,10 +69,9 @@ class Services:
     def __init__(self, agent: Agent, handlers: dict[str, Handler] | None = None) -> None:
         self.agent = agent
         self.methods: dict[tuple[str, str], Method] = {}
-        self._served: asyncio.Event | None = None  # made in the event loop by the first waiter
+        self._served = asyncio.Event()  # set by serve(): AgentService calls wait for it
         table = _methods(HEALTH_SERVICE, {"Check": health_check, "Version": health_version}, guarded=False)
         self._set(table + _methods(AGENT_SERVICE, {}, guarded=True))
-        self.serving = False
         if handlers is not None:
             self.serve(handlers)
 
@@ -85,14 +84,7 @@ class Services:
         if unknown:
             raise RuntimeError(f"handlers for methods not in AgentService: {sorted(unknown)}")
         self._set(_methods(AGENT_SERVICE, handlers, guarded=True))
-        self.serving = True
-        if self._served is not None:
-            self._served.set()
-
-    async def _until_served(self) -> None:
-        if self._served is None:
-            self._served = asyncio.Event()
-        await self._served.wait()
+        self._served.set()
 
     @property
     def service_names(self) -> list[str]:
@@ -107,11 +99,9 @@ class Services:
         start = time.perf_counter()
         code, message = Code.OK, ""
         try:
-            if method.guarded:
-                if not self.serving:  # the agent is still being built
-                    await self._until_served()
-                # the table's entry now: a caller (grpcio's) may hold one made before serve()
-                method = self.methods[(method.service, method.name)]
+            if method.guarded and not self._served.is_set():  # the agent is still being built
+                await self._served.wait()
+                method = self.methods[(method.service, method.name)]  # the entry serve() put in
             try:
                 request = method.request_cls.FromString(body)
             except DecodeError as exc:

@@ -161,9 +161,25 @@ def test_health_answers_before_the_handlers_and_agent_calls_wait_for_them():
     assert agent_pb2.WaitProcessResponse.FromString(reply).status == 3
 
 
-def test_a_method_taken_from_the_table_before_serve_gets_its_handler():
+def test_a_grpc_handler_made_before_serve_calls_the_served_handler():
+    from agent.grpc_server import _handler
+
     services = Services(Agent(config=Config()))
-    method = services.methods[("grpc.AgentService", "WaitProcess")]  # as grpcio keeps it
+    handle = _handler(services, services.methods[("grpc.AgentService", "WaitProcess")])  # grpcio started early
     services.serve(HANDLERS)
     body = agent_pb2.WaitProcessRequest(container_id="ab").SerializeToString()
-    assert agent_pb2.WaitProcessResponse.FromString(asyncio.run(services.call(method, body))).status == 2
+    assert agent_pb2.WaitProcessResponse.FromString(asyncio.run(handle(body, None))).status == 2
+
+
+def test_a_call_that_waited_for_serve_gets_the_served_handler():
+    body = agent_pb2.WaitProcessRequest(container_id="ab").SerializeToString()
+
+    async def main():
+        services = Services(Agent(config=Config()))
+        call = asyncio.ensure_future(services.dispatch("grpc.AgentService", "WaitProcess", body))
+        await asyncio.sleep(0)
+        assert not call.done()  # waits for the handlers
+        services.serve(HANDLERS)
+        return await call
+
+    assert agent_pb2.WaitProcessResponse.FromString(asyncio.run(main())).status == 2
