@@ -129,51 +129,48 @@ def health_check(addr: str, timeout: float = 2.0, proto: str = "ttrpc") -> bool:
         ch.close()
 
 
-def _ttrpc_health(addr: str, timeout: float) -> bool:
+def _ttrpc_call(addr: str, service: str, method: str, body: bytes, timeout: float) -> bytes:
+    """One ttrpc call on a fresh connection to ``addr``; raises OSError or ttrpc.Status."""
     from agent import ttrpc
     from agent.config import parse_address
-    from agent.protocols import health_pb2
     from kata_agent_client.dial import dial
 
+    client = ttrpc.Client(dial(parse_address(addr), timeout=timeout))
     try:
-        sock = dial(parse_address(addr), timeout=timeout)
-    except OSError:
-        return False
-    client = ttrpc.Client(sock)
-    try:
-        reply = client.call("grpc.Health", "Check", b"", timeout=timeout)
-        return health_pb2.HealthCheckResponse.FromString(reply).status == health_pb2.HealthCheckResponse.SERVING
-    except (ttrpc.Status, OSError):
-        return False
+        return client.call(service, method, body, timeout=timeout)
     finally:
         client.close()
+
+
+def _ttrpc_health(addr: str, timeout: float) -> bool:
+    from agent import ttrpc
+    from agent.protocols import health_pb2
+
+    try:
+        reply = _ttrpc_call(addr, "grpc.Health", "Check", b"", timeout)
+    except (ttrpc.Status, OSError):
+        return False
+    return health_pb2.HealthCheckResponse.FromString(reply).status == health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_served(addr: str, timeout: float) -> None:
     """Until the agent answers an AgentService call (GetGuestDetails, which changes nothing): it
     answers Health as soon as it listens, imports and builds the rest after, and its AgentService
-    calls wait for that (agent.wiring). Any answer but a deadline will do (a boot policy may deny
-    the call: it is checked after the wait). Raises BootError when it does not answer in time."""
+    calls wait for that (agent.wiring). Any answer of the agent's will do (a boot policy may deny
+    the call: it is checked after the wait); a deadline or a closed connection will not. Raises
+    BootError when it does not answer in time."""
     from agent import ttrpc
-    from agent.config import parse_address
     from agent.errors import Code
     from agent.protocols import agent_pb2
-    from kata_agent_client.dial import dial
 
     try:
-        client = ttrpc.Client(dial(parse_address(addr), timeout=timeout))
-    except OSError as exc:
-        raise BootError(f"agent at {addr}: {exc}") from None
-    try:
-        client.call("grpc.AgentService", "GetGuestDetails", agent_pb2.GuestDetailsRequest().SerializeToString(),
-                    timeout=timeout)
+        _ttrpc_call(addr, "grpc.AgentService", "GetGuestDetails",
+                    agent_pb2.GuestDetailsRequest().SerializeToString(), timeout)
     except ttrpc.Status as exc:
-        if exc.code == Code.DEADLINE_EXCEEDED:
+        if exc.code == Code.DEADLINE_EXCEEDED or isinstance(exc, ttrpc.ConnectionClosed):
             raise BootError(f"agent at {addr} did not answer GetGuestDetails: {exc}") from None
     except OSError as exc:
         raise BootError(f"agent at {addr} did not answer GetGuestDetails: {exc}") from None
-    finally:
-        client.close()
 
 
 class BootError(RuntimeError):

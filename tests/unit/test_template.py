@@ -35,3 +35,31 @@ def test_a_missing_template_is_an_error(tmp_path):
     assert not tpl.exists()
     with pytest.raises(TemplateError, match="no usable template"):
         tpl.manifest()
+
+
+def test_wait_served_refuses_an_agent_that_hangs_up(tmp_path):
+    """A template is saved only once the agent answers: an agent that accepts and closes (it
+    died, or dropped the connection) is not served, as a deadline is not."""
+    import socket
+    import threading
+
+    from qemu.vm import BootError, wait_served
+
+    path = tmp_path / "agent.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen()
+
+    def hang_up():
+        conn, _ = srv.accept()
+        conn.recv(1 << 16)
+        conn.close()
+
+    t = threading.Thread(target=hang_up)
+    t.start()
+    try:
+        with pytest.raises(BootError):
+            wait_served(f"unix://{path}", timeout=5)
+    finally:
+        t.join()
+        srv.close()
