@@ -85,16 +85,20 @@ def build(out: Path, name: str = DEFAULT_NAME, busybox: str | None = None, arch:
     files.update({f"blobs/sha256/{d.split(':', 1)[1]}": data for d, data in blobs.items()})
     out = Path(out)
     tmp_out = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp_out, "w") as tar:
-        for d in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for path, data in files.items():
-            info = tarfile.TarInfo(path)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    tmp_out.replace(out)
+    try:
+        with tarfile.open(tmp_out, "w") as tar:
+            for d in ("blobs", "blobs/sha256"):
+                info = tarfile.TarInfo(d)
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            for path, data in files.items():
+                info = tarfile.TarInfo(path)
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        tmp_out.replace(out)
+    except BaseException:
+        tmp_out.unlink(missing_ok=True)  # a full disk, a cancel: no half archive left
+        raise
     return manifest_desc
 
 
