@@ -45,11 +45,11 @@ def test_action_codes():
 
 def test_mount_attrs_leave_a_bind_as_a_remount_with_the_flags_would():
     ro = (linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RELATIME)
-    attr_set, attr_clr = rootfs._mount_attrs(ro)
+    attr_set, attr_clr = rootfs.mount_attrs(ro)
     assert attr_set == (linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
                         | linux.MOUNT_ATTR_NOEXEC)  # relatime is 0
     assert attr_clr == linux.MOUNT_ATTR_NODIRATIME | linux.MOUNT_ATTR__ATIME
-    attr_set, attr_clr = rootfs._mount_attrs(linux.MS_NOSUID | linux.MS_NOATIME)
+    attr_set, attr_clr = rootfs.mount_attrs(linux.MS_NOSUID | linux.MS_NOATIME)
     assert attr_set == linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NOATIME
     assert attr_clr & linux.MOUNT_ATTR_RDONLY and attr_clr & linux.MOUNT_ATTR_NOEXEC
     assert not attr_clr & linux.MOUNT_ATTR_NOSUID

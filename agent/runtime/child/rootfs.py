@@ -192,7 +192,7 @@ def _bind_flags(dest: str, binds: list[str], flags: int, where: str) -> None:
     """Give the cgroup binds under the tmpfs at ``dest`` the mount's flags. The tmpfs stays
     writable, as runc leaves it."""
     try:  # every bind at once (and the tmpfs, made writable again)
-        linux.mount_setattr(dest, *_mount_attrs(flags))
+        linux.mount_setattr(dest, *mount_attrs(flags))
         if flags & linux.MS_RDONLY:
             linux.mount_setattr(dest, 0, linux.MOUNT_ATTR_RDONLY, recursive=False)
     except OSError as exc:
@@ -207,7 +207,7 @@ _ATTRS = [(linux.MS_RDONLY, linux.MOUNT_ATTR_RDONLY), (linux.MS_NOSUID, linux.MO
           (linux.MS_NODIRATIME, linux.MOUNT_ATTR_NODIRATIME)]
 
 
-def _mount_attrs(flags: int) -> tuple[int, int]:
+def mount_attrs(flags: int) -> tuple[int, int]:
     """(attr_set, attr_clr) for mount_setattr that leave a mount as a bind remount with ``flags``
     would: the flags given set, the others cleared, relatime unless noatime or strictatime."""
     attr_set = sum(attr for ms, attr in _ATTRS if flags & ms)

@@ -26,7 +26,7 @@ from agent import linux
 from agent.runtime import protocol
 from agent.runtime.child.common import (CgroupTarget, SetupError, new_ns, open_cgroup, receive_cgroup, step,
                                         unshare_flags)
-from agent.runtime.child.rootfs import _mount_attrs as mount_attrs  # the flags as mount attributes
+from agent.runtime.child.rootfs import mount_attrs
 from agent.runtime.protocol import CreateRequest, Mapped, UserNs
 
 
