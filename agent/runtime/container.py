@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -439,6 +440,8 @@ async def _map_ids(sync: socket.socket, cfg: ContainerConfig) -> None:
     msg = await spawner_mod.receive(sync)
     if isinstance(msg, Failed):
         raise _classify("create", msg.error)
+    if msg is None:
+        raise Internal("the container's intermediate process exited before it made the user namespace")
     if not isinstance(msg, UserNs):
         raise Internal(f"spawner protocol: expected UserNs, got {msg!r}")
     for name, field_name, maps in (("uid_map", "UIDMappings", cfg.uid_mappings),
@@ -447,6 +450,8 @@ async def _map_ids(sync: socket.socket, cfg: ContainerConfig) -> None:
             with open(f"/proc/{msg.pid}/{name}", "w") as f:
                 f.write(map_text(maps))
         except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EPERM):  # the process went, not the map
+                raise Internal(f"writing {name} of pid {msg.pid}: {exc.strerror}") from None
             raise InvalidArgument(f"OCI.Linux.{field_name}: the kernel refused the map: {exc.strerror}") from None
     fault_point("userns_maps")
     protocol.send(sync, Mapped())
