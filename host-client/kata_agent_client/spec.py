@@ -18,6 +18,19 @@ from agent.protocols import oci_pb2
 _RENAMES = {"ociVersion": "Version"}
 _RENAMES_BACK = {v: k for k, v in _RENAMES.items()}
 
+# The host's shared directory (virtio-fs, QEMU's tag) and where CreateSandbox mounts it in the
+# guest; containers' rootfs directories live below it.
+GUEST_SHARED = "/run/kata-containers/shared/containers"
+SHARE_TAG = "kataShared"
+
+
+def shared_storage(tag: str = SHARE_TAG):
+    """CreateSandbox's storage for the shared directory."""
+    from agent.protocols import agent_pb2
+
+    return agent_pb2.Storage(driver="virtio-fs", source=tag, fstype="virtiofs", mount_point=GUEST_SHARED)
+
+
 DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"]
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
 

@@ -14,11 +14,9 @@ from google.protobuf import json_format
 
 from agent.protocols import agent_pb2, oci_pb2
 from kata_agent_client import guestfile
-from kata_agent_client.spec import DEFAULT_CAPS, DEFAULT_ENV, spec_from_config
+from kata_agent_client.spec import DEFAULT_CAPS, DEFAULT_ENV, GUEST_SHARED, SHARE_TAG, shared_storage, spec_from_config
 from kata_agent_client.stdio import ProcessIO, raw_terminal
 
-GUEST_SHARED = "/run/kata-containers/shared/containers"
-SHARE_TAG = "kataShared"
 
 
 def register(sub) -> None:
@@ -134,8 +132,7 @@ def ensure_sandbox(client, tag: str, hostname: str, dns: list[str]) -> None:
     """CreateSandbox with the shared directory as a virtio-fs storage, unless one exists."""
     request = agent_pb2.CreateSandboxRequest(
         hostname=hostname, sandbox_id="kata-agent-ctl", dns=dns,
-        storages=[agent_pb2.Storage(driver="virtio-fs", source=tag, fstype="virtiofs",
-                                    mount_point=GUEST_SHARED)])
+        storages=[shared_storage(tag)])
     try:
         client.call("CreateSandbox", request)
     except grpc.RpcError as exc:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import linux
+from kata_agent_client.spec import GUEST_SHARED
 
 log = logging.getLogger(__name__)
 
-GUEST_SHARED = "/run/kata-containers/shared/containers"
 SOCKET_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 

@@ -31,7 +31,7 @@ from kata_agent_client.shim.protocols import ctd_shim_pb2 as pb
 from kata_agent_client.shim.protocols import ctd_task_types_pb2 as types
 from kata_agent_client.shim.sandbox import Sandbox
 from kata_agent_client.shim.stdio import ProcessIO, UnsupportedIO
-from kata_agent_client.spec import SpecError, message_from_json, spec_from_config
+from kata_agent_client.spec import SpecError, message_from_json, shared_storage, spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ class TaskService:
                 await self._connect()
                 await self.call("CreateSandbox", agent_pb2.CreateSandboxRequest(
                     hostname=config.get("hostname", ""), sandbox_id=self.id,
-                    storages=[agent_pb2.Storage(driver="virtio-fs", source="kataShared", fstype="virtiofs",
-                                                mount_point="/run/kata-containers/shared/containers")]),
+                    storages=[shared_storage()]),
                     timeout=60)
                 self.mark("sandbox created")
                 await self.call("CreateContainer", agent_pb2.CreateContainerRequest(
