@@ -104,20 +104,21 @@ async def import_aside(names: tuple[str, ...] = BUILD_MODULES) -> None:
             done.set_result(None) if exc is None else done.set_exception(exc)
 
     def work() -> None:
+        exc: BaseException | None = None
         try:
             for name in names:
                 importlib.import_module(name)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            exc = e
+        try:
             loop.call_soon_threadsafe(finish, exc)
-        else:
-            loop.call_soon_threadsafe(finish, None)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
 
     thread = threading.Thread(target=work, name="agent-imports", daemon=True)
     thread.start()
-    try:
-        await done
-    finally:
-        thread.join()
+    await done  # cancelled (the agent stops while importing): the daemon thread ends by itself
+    thread.join()  # it has handed over its result: this returns at once
 
 
 async def build(agent: Agent) -> tuple[UndoStack, dict[str, Handler]]:
